@@ -1,0 +1,113 @@
+"""Plain-JAX truth for causal Taylor linear attention: the quadratic and the recurrent forms.
+
+Dimension letters: B batch, T time, H heads, F query/key feature dim (d'), D value head dim,
+E = 1 + F + F^2 the Taylor feature width.
+
+    y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
+
+Everything is computed in float32 whatever the input dtype: the normaliser grows like O(T)
+and a bf16 copy of it loses the answer. Keys whose `key_mask` is False contribute nothing,
+neither to outputs nor to the returned state (that is how padding is kept out of the state).
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.taylor_attention.feature_map import taylor_feature_map, taylor_kernel
+from pallas_kernels.taylor_attention.state import TaylorState, zero_state
+
+
+def initial_state(state: Optional[TaylorState], q: jnp.ndarray, v: jnp.ndarray) -> TaylorState:
+  """`state`, or the zero state matching q [B, T, H, F] and v [B, T, H, D]."""
+  if state is not None:
+    return state
+  b, _, h, f = q.shape
+  return zero_state(b, h, f, v.shape[-1])
+
+
+def quadratic(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+              state: Optional[TaylorState] = None,
+              key_mask: Optional[jnp.ndarray] = None,
+              eps: float = 1e-6) -> tuple[jnp.ndarray, TaylorState]:
+  """Masked quadratic form, O(T^2): phi(q) phi(k)^T evaluated as 1 + s + s^2/2.
+
+  Args:
+    q, k: [B, T, H, F].
+    v: [B, T, H, D].
+    state: running sums of earlier tokens (zero if None).
+    key_mask: [B, T] bool, False for keys to ignore (padding); all True if None.
+    eps: added to the normaliser.
+
+  Returns:
+    y: [B, T, H, D] in v's dtype, and the state after the last (unmasked) key.
+  """
+  b, t, _, f = q.shape
+  state = initial_state(state, q, v)
+  if key_mask is None:
+    key_mask = jnp.ones((b, t), bool)
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bthf,bshf->bhts", qf, kf) / f**0.5
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  weights = jnp.where(causal & key_mask[:, None, None, :], taylor_kernel(s), 0.0)
+  phi_q = taylor_feature_map(qf)
+  num = jnp.einsum("bhts,bshd->bthd", weights, vf)
+  num += jnp.einsum("bthe,bhed->bthd", phi_q, state.kv)
+  den = jnp.einsum("bhts->bth", weights) + jnp.einsum("bthe,bhe->bth", phi_q, state.k)
+  y = num / (den[..., None] + eps)
+
+  phi_k = taylor_feature_map(kf) * key_mask[:, :, None, None]
+  new_state = TaylorState(
+      kv=state.kv + jnp.einsum("bthe,bthd->bhed", phi_k, vf),
+      k=state.k + jnp.einsum("bthe->bhe", phi_k),
+  )
+  return y.astype(v.dtype), new_state
+
+
+def select_state(valid: jnp.ndarray, new: TaylorState, old: TaylorState) -> TaylorState:
+  """Per sequence, `new` where valid [B] is True, else `old` (padding leaves the state alone)."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(valid.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def recurrent_step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState, *,
+                   eps: float = 1e-6) -> tuple[jnp.ndarray, TaylorState]:
+  """One decoding step: add phi(k_t) v_t^T to the state, then read out y_t.
+
+  Args:
+    q, k: [B, H, F] for the current token.
+    v: [B, H, D].
+    state: the sums over all earlier tokens.
+
+  Returns:
+    y: [B, H, D] in v's dtype, and the updated state.
+  """
+  phi_q = taylor_feature_map(q)
+  phi_k = taylor_feature_map(k)
+  vf = v.astype(jnp.float32)
+  kv = state.kv + phi_k[..., :, None] * vf[..., None, :]
+  ks = state.k + phi_k
+  num = jnp.einsum("bhe,bhed->bhd", phi_q, kv)
+  den = jnp.einsum("bhe,bhe->bh", phi_q, ks)
+  return (num / (den[..., None] + eps)).astype(v.dtype), TaylorState(kv, ks)
+
+
+def recurrent(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
+              state: Optional[TaylorState] = None,
+              key_mask: Optional[jnp.ndarray] = None,
+              eps: float = 1e-6) -> tuple[jnp.ndarray, TaylorState]:
+  """`recurrent_step` scanned over time: same contract as `quadratic`, O(T) memory-light."""
+  b, t = q.shape[:2]
+  state = initial_state(state, q, v)
+  if key_mask is None:
+    key_mask = jnp.ones((b, t), bool)
+
+  def step(carry, xs):
+    qt, kt, vt, valid = xs
+    y, new = recurrent_step(qt, kt, vt, carry, eps=eps)
+    return select_state(valid, new, carry), y
+
+  xs = (jnp.moveaxis(q, 1, 0), jnp.moveaxis(k, 1, 0), jnp.moveaxis(v, 1, 0), key_mask.T)
+  final, ys = jax.lax.scan(step, state, xs)
+  return jnp.moveaxis(ys, 0, 1), final
