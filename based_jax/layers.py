@@ -1,0 +1,78 @@
+"""Building blocks shared by the mixers: initialisers, RMSNorm, SwiGLU MLP, rotary embeddings.
+
+Dimension letters used throughout based_jax: B batch, T time (tokens in this call),
+S cache slots, D model width, H heads, K head dim, F linear-attention feature dim,
+V vocabulary.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from based_jax.config import ModelConfig
+
+
+def weight_init(config: ModelConfig) -> nn.initializers.Initializer:
+  """N(0, init_std) for linear and embedding weights."""
+  return nn.initializers.normal(config.init_std)
+
+
+def output_init(config: ModelConfig) -> nn.initializers.Initializer:
+  """N(0, init_std / sqrt(2 n_layers)) for projections that write into the residual stream."""
+  return nn.initializers.normal(config.init_std / math.sqrt(2 * config.n_layers))
+
+
+def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = False,
+          name: str | None = None) -> nn.Dense:
+  """A Dense layer with the config's dtypes and the SPEC initialisation."""
+  return nn.Dense(
+      features, use_bias=use_bias, name=name,
+      dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+      kernel_init=output_init(config) if output else weight_init(config),
+      bias_init=nn.initializers.zeros)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in float32; returns the config's compute dtype."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
+                       jnp.dtype(self.config.param_dtype))
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
+
+
+class SwiGLU(nn.Module):
+  """fc2(silu(gate) * y) with [y, gate] = fc1(x): D -> 2 * inner -> D, no biases."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    cfg = self.config
+    y, gate = jnp.split(dense(cfg, 2 * cfg.mlp_inner, use_bias=False, name="fc1")(x), 2, axis=-1)
+    return dense(cfg, cfg.d_model, use_bias=False, output=True, name="fc2")(nn.silu(gate) * y)
+
+
+def apply_rotary(x: jnp.ndarray, positions: jnp.ndarray, base: float) -> jnp.ndarray:
+  """Rotary position embedding, rotate-half layout, over the full head dim.
+
+  Args:
+    x: [B, T, H, K] queries or keys, K even.
+    positions: [B, T] absolute token positions.
+    base: frequency base (10000 in BASED).
+
+  Returns:
+    [B, T, H, K] rotated, in x's dtype (angles are computed in float32).
+  """
+  half = x.shape[-1] // 2
+  inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, K/2]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)

@@ -1,0 +1,103 @@
+"""The BASED / Transformer++ language model: embedding, residual blocks, final norm, tied head.
+
+The residual stream is float32; mixers and MLPs compute in `config.dtype`. A call takes an
+optional `ModelCache` (see `cache.py`) and returns the updated one, so the same code runs
+training (no cache), prefill (many tokens into a fresh cache) and decoding (one token).
+"""
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from based_jax import config as config_lib
+from based_jax.cache import ModelCache
+from based_jax.config import ModelConfig
+from based_jax.layers import RMSNorm, SwiGLU, weight_init
+from based_jax.mixers import Attention, BaseConv, TaylorLinearAttention
+
+
+def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
+  """The mixer module for a layer kind."""
+  if kind == config_lib.LINEAR_ATTENTION:
+    return TaylorLinearAttention(config, name=name)
+  if kind == config_lib.SLIDING_WINDOW:
+    return Attention(config, window=config.window, name=name)
+  if kind == config_lib.ATTENTION:
+    return Attention(config, window=None, name=name)
+  return BaseConv(config, name=name)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x += mixer(norm(x)); x += mlp(norm(x))."""
+  config: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x, positions, lengths, cache):
+    y, cache = make_mixer(self.config, self.kind, "mixer")(
+        RMSNorm(self.config, name="norm1")(x), positions, lengths, cache)
+    x = x + y.astype(jnp.float32)
+    if self.config.mlp_inner:
+      x = x + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="norm2")(x)).astype(
+          jnp.float32)
+    return x, cache
+
+
+def _check_tokens(tokens: jnp.ndarray, vocab_size: int) -> None:
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.shape} "
+                     f"{tokens.dtype}")
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= vocab_size:
+      raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo} max {hi}")
+
+
+class LanguageModel(nn.Module):
+  """Decoder-only LM. Call with tokens [B, T] -> (logits, new cache)."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens: jnp.ndarray, *, cache: Optional[ModelCache] = None,
+               lengths: Optional[jnp.ndarray] = None,
+               logits_at: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, Optional[ModelCache]]:
+    """Runs the model.
+
+    Args:
+      tokens: [B, T] int token ids, right-padded when `lengths` is given.
+      cache: state of the tokens seen before (decoding / prefill); None for training.
+      lengths: [B] number of valid tokens of each row (the rest is padding that enters no
+        state); all T if None.
+      logits_at: [B, P] positions within this call whose logits are wanted (saves the
+        [B, T, V] head when only a few are needed); all T if None.
+
+    Returns:
+      logits [B, T or P, V] float32 and the updated cache (None if `cache` was None).
+    """
+    cfg = self.config
+    _check_tokens(tokens, cfg.vocab_size)
+    b, t = tokens.shape
+    if cache is not None and cache.length.shape != (b,):
+      raise ValueError(f"cache is for batch {cache.length.shape[0]}, tokens have batch {b}")
+    start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
+    positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=weight_init(cfg),
+                     param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
+    x = embed(tokens).astype(jnp.float32)
+    new_layers = []
+    for i, kind in enumerate(cfg.layer_kinds):
+      x, layer_cache = Block(cfg, kind, name=f"layers_{i}")(
+          x, positions, lengths, None if cache is None else cache.layers[i])
+      new_layers.append(layer_cache)
+    x = RMSNorm(cfg, name="final_norm")(x)
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+    logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
+    if cache is None:
+      return logits, None
+    added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    return logits, ModelCache(tuple(new_layers), cache.length + added)
