@@ -28,17 +28,19 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
   if dtype is not None:
     config = config.replace(dtype=jnp.dtype(dtype).name)
-  layers = []
-  for kind in config.layer_kinds:
-    if kind == config_lib.LINEAR_ATTENTION:
-      layers.append(init_linear_attention_cache(config, batch))
-    elif kind == config_lib.SLIDING_WINDOW:
-      layers.append(init_attention_cache(config, batch, config.window + 1))
-    elif kind == config_lib.ATTENTION:
-      layers.append(init_attention_cache(config, batch, max_len))
-    else:
-      layers.append(init_conv_cache(config, batch))
-  return ModelCache(tuple(layers), jnp.zeros((batch,), jnp.int32))
+  layers = tuple(init_layer_cache(config, kind, batch, max_len) for kind in config.layer_kinds)
+  return ModelCache(layers, jnp.zeros((batch,), jnp.int32))
+
+
+def init_layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int) -> Any:
+  """The empty cache of one layer of `kind`."""
+  if kind == config_lib.LINEAR_ATTENTION:
+    return init_linear_attention_cache(config, batch)
+  if kind == config_lib.SLIDING_WINDOW:
+    return init_attention_cache(config, batch, config.window + 1)
+  if kind == config_lib.ATTENTION:
+    return init_attention_cache(config, batch, max_len)
+  return init_conv_cache(config, batch)
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:

@@ -5,6 +5,7 @@ optional `ModelCache` (see `cache.py`) and returns the updated one, so the same 
 training (no cache), prefill (many tokens into a fresh cache) and decoding (one token).
 """
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -101,3 +102,14 @@ class LanguageModel(nn.Module):
       return logits, None
     added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     return logits, ModelCache(tuple(new_layers), cache.length + added)
+
+
+def init_params(config: ModelConfig, seed: int = 0):
+  """Freshly initialised parameters (a pytree) for `config`."""
+  return LanguageModel(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
+
+
+def count_params(config: ModelConfig) -> int:
+  """Number of parameters, from shapes only (nothing is allocated)."""
+  shapes = jax.eval_shape(functools.partial(init_params, config))
+  return sum(x.size for x in jax.tree.leaves(shapes))

@@ -1,0 +1,49 @@
+"""Recurrent state size, counted as the recall benchmark counts it (SPEC section 4).
+
+Per layer, in float32 values (x4 bytes), at sequence length L:
+  full attention 2 D L; sliding window 2 D W; Taylor linear attention H K E + H E with E the
+  feature width (1 + F + F^2, or 1 + F + F(F+1)/2 when the symmetric quadratic terms are
+  merged, as the paper's plots do); short convolution D * taps.
+`cache.cache_bytes` gives the bytes our decoding cache really holds instead.
+"""
+
+import dataclasses
+
+from based_jax import config as config_lib
+from based_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSize:
+  per_layer: tuple[tuple[str, int], ...]  # (layer kind, bytes) in layer order.
+  total: int  # sum over layers, bytes.
+
+
+def linear_attention_width(feature_dim: int, symmetric: bool) -> int:
+  """E: 273 for F = 16, or 153 with the F(F+1)/2 distinct quadratic terms."""
+  quadratic = feature_dim * (feature_dim + 1) // 2 if symmetric else feature_dim**2
+  return 1 + feature_dim + quadratic
+
+
+def layer_state_values(config: ModelConfig, kind: str, seq_len: int, symmetric: bool) -> int:
+  """Number of state values of one layer of `kind`."""
+  d = config.d_model
+  if kind == config_lib.ATTENTION:
+    return 2 * d * seq_len
+  if kind == config_lib.SLIDING_WINDOW:
+    return 2 * d * config.window
+  if kind == config_lib.LINEAR_ATTENTION:
+    e = linear_attention_width(config.la_feature_dim, symmetric)
+    return config.la_heads * (d // config.la_heads) * e + config.la_heads * e
+  return d * config.conv_kernel
+
+
+def state_size_bytes(config: ModelConfig, seq_len: int, *, symmetric_features: bool = False,
+                     bytes_per_value: int = 4) -> StateSize:
+  """State bytes per layer and in total for sequences of `seq_len` tokens."""
+  if seq_len < 1:
+    raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+  per_layer = tuple(
+      (kind, bytes_per_value * layer_state_values(config, kind, seq_len, symmetric_features))
+      for kind in config.layer_kinds)
+  return StateSize(per_layer, sum(b for _, b in per_layer))

@@ -1,0 +1,161 @@
+"""The whole model: one function across training, ragged prefill and decoding; configs; errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from based_jax import (LanguageModel, SamplingConfig, count_params, generate, get_config,
+                       init_cache, init_params, state_size_bytes)
+from based_jax.config import ModelConfig
+from based_jax.sampling import sample_tokens
+
+PRESETS = ["based_tiny", "transformer_pp_tiny"]
+
+
+def rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_ragged_prefill_then_decode_equals_full_forward(preset):
+  config = get_config(preset, init_std=0.1)
+  params, model = init_params(config, seed=1), LanguageModel(config)
+  total, lengths = 30, np.array([11, 3, 19])
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, total))
+  prompts = np.where(np.arange(19) < lengths[:, None], tokens[:, :19], 7)  # padding = token 7
+  cache = init_cache(config, 3, max_len=total)
+  prefill_logits, cache = model.apply(params, jnp.asarray(prompts), cache=cache,
+                                      lengths=jnp.asarray(lengths))
+  # Decode each row's own continuation one token at a time, all rows in one batch.
+  steps = total - lengths.max()
+  decoded = []
+  for s in range(steps):
+    step_tokens = tokens[np.arange(3), lengths + s][:, None]
+    logits, cache = model.apply(params, jnp.asarray(step_tokens), cache=cache)
+    decoded.append(logits[:, 0])
+  for i in range(3):
+    full, _ = model.apply(params, jnp.asarray(tokens[i:i + 1, :lengths[i] + steps]))
+    assert rel(prefill_logits[i, :lengths[i]], full[0, :lengths[i]]) < 1e-5
+    assert rel(jnp.stack([d[i] for d in decoded]), full[0, lengths[i]:]) < 1e-5
+  np.testing.assert_array_equal(cache.length, lengths + steps)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_greedy_generate_equals_repeated_argmax(preset):
+  config = get_config(preset, init_std=0.3)  # large weights: varied greedy continuations
+  params, model = init_params(config, seed=2), LanguageModel(config)
+  prompts = np.random.default_rng(1).integers(0, config.vocab_size, (2, 6))
+  lengths = np.array([6, 2])
+  out = generate(config, params, prompts, lengths, max_new_tokens=10)
+  for i in range(2):
+    seq = list(prompts[i, :lengths[i]])
+    for _ in range(10):
+      logits, _ = model.apply(params, jnp.asarray([seq]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    np.testing.assert_array_equal(out.tokens[i], seq[lengths[i]:])
+  assert len(set(np.asarray(out.tokens).ravel().tolist())) > 2  # the check is not vacuous
+
+
+def test_generate_stops_rows_at_eos():
+  config = get_config("based_tiny", init_std=0.3)
+  params = init_params(config, seed=2)
+  prompts = np.random.default_rng(1).integers(0, config.vocab_size, (2, 6))
+  free = generate(config, params, prompts, max_new_tokens=8)
+  eos = int(free.tokens[0, 2])
+  out = generate(config, params, prompts, max_new_tokens=8, eos_id=eos)
+  first = int(np.argmax(np.asarray(free.tokens[0]) == eos))
+  assert int(out.lengths[0]) == first + 1
+  np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
+  assert np.all(np.asarray(out.tokens[0, first + 1:]) == eos)
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+  config = get_config("based_tiny", init_std=0.3)
+  params = init_params(config)
+  prompts = np.zeros((4, 3), np.int32)
+  rule = SamplingConfig(temperature=1.0, top_k=5)
+  a = generate(config, params, prompts, max_new_tokens=6, sampling=rule, seed=3)
+  b = generate(config, params, prompts, max_new_tokens=6, sampling=rule, seed=3)
+  c = generate(config, params, prompts, max_new_tokens=6, sampling=rule, seed=4)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_top_k_and_top_p_filter_the_right_tokens():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  keys = jax.random.split(jax.random.key(0), 3)
+  top2 = sample_tokens(logits, keys[0], SamplingConfig(temperature=1.0, top_k=2))
+  assert set(np.unique(top2).tolist()) == {0, 1}
+  nucleus = sample_tokens(logits, keys[1], SamplingConfig(temperature=1.0, top_p=0.8))
+  assert set(np.unique(nucleus).tolist()) == {0, 1}  # 0.5 < 0.8 <= 0.5 + 0.3
+  frac = np.mean(np.asarray(nucleus) == 0)
+  assert abs(frac - 0.5 / 0.8) < 0.03
+  full = sample_tokens(logits, keys[2], SamplingConfig(temperature=1.0))
+  assert set(np.unique(full).tolist()) == {0, 1, 2, 3}
+
+
+def test_bfloat16_compute_runs_with_float32_residual():
+  config = get_config("based_tiny", dtype="bfloat16")
+  params = init_params(config)
+  tokens = jnp.arange(24).reshape(2, 12)
+  logits_bf16, _ = LanguageModel(config).apply(params, tokens)
+  logits_f32, _ = LanguageModel(config.replace(dtype="float32")).apply(params, tokens)
+  assert logits_bf16.dtype == jnp.float32
+  assert rel(logits_bf16, logits_f32) < 3e-2
+
+
+@pytest.mark.parametrize("preset, expected", [("based_360m", 363e6), ("based_1b", 1.35e9)])
+def test_released_parameter_counts(preset, expected):
+  assert abs(count_params(get_config(preset)) / expected - 1) < 0.01
+
+
+def test_state_size_matches_the_paper_anchor():
+  # SPEC section 5: BASED d=128, d'=16 about 8.0e4 bytes; sliding window w=64 about 6.7e4.
+  based = state_size_bytes(get_config("mqar_based"), 256, symmetric_features=True)
+  window = state_size_bytes(get_config("mqar_sliding_window"), 256)
+  assert abs(based.total / 8.0e4 - 1) < 0.02 and abs(window.total / 6.7e4 - 1) < 0.02
+  full = state_size_bytes(get_config("mqar_attention"), 1024)
+  assert full.per_layer[1] == ("attention", 4 * 2 * 128 * 1024)
+
+
+BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(la_heads=5, linear_attention_layers=(1,)), "la_heads"),
+    (dict(attn_heads=6, sliding_window_layers=(1,)), "attn_heads"),
+    (dict(linear_attention_layers=(1,), sliding_window_layers=(1,)), "sliding_window_layers"),
+    (dict(attention_layers=(4,)), "attention_layers"),
+    (dict(linear_attention_layers=(-1,)), "linear_attention_layers"),
+    (dict(window=0), "window"),
+    (dict(la_feature_dim=0), "la_feature_dim"),
+    (dict(d_model=0), "d_model"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_bad_configs_name_the_field(changes, field):
+  with pytest.raises(ValueError, match=field):
+    ModelConfig(**{**BASE, **changes})
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match="unknown preset"):
+    get_config("based_7b")
+
+
+def test_bad_tokens_and_prompts():
+  config = get_config("based_tiny")
+  params, model = init_params(config), LanguageModel(config)
+  with pytest.raises(ValueError, match="vocab_size"):
+    model.apply(params, jnp.array([[1, config.vocab_size]]))
+  with pytest.raises(ValueError, match=r"\[batch, time\]"):
+    model.apply(params, jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match=r"\[batch, time\]"):
+    generate(config, params, np.zeros((1, 3), np.float32), max_new_tokens=2)
+  with pytest.raises(ValueError, match="vocab_size"):
+    generate(config, params, np.array([[-1, 2]]), max_new_tokens=2)
+  with pytest.raises(ValueError, match="prompt_lengths"):
+    generate(config, params, np.zeros((2, 3), np.int32), np.array([0, 3]), max_new_tokens=2)
+  tpp = get_config("transformer_pp_tiny")
+  with pytest.raises(ValueError, match="max_len"):
+    generate(tpp, init_params(tpp), np.zeros((1, 8), np.int32), max_new_tokens=4, max_len=10)

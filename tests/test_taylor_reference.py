@@ -1,0 +1,155 @@
+"""Taylor linear attention: quadratic == chunked == recurrent == an independent float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.taylor_attention import causal_taylor_attention, feature_width, reference, xla
+from pallas_kernels.taylor_attention.feature_map import taylor_feature_map
+from pallas_kernels.taylor_attention.state import TaylorState
+
+EPS = 1e-6
+
+
+def numpy_taylor_attention(q, k, v, kv0=None, k0=None):
+  """Float64 loop over time, written from the SPEC formulas alone."""
+  b, t, h, f = q.shape
+  d = v.shape[-1]
+
+  def phi(x):
+    quad = np.einsum("...i,...j->...ij", x, x).reshape(*x.shape[:-1], f * f)
+    return np.concatenate([np.ones(x.shape[:-1] + (1,)), x / f**0.25,
+                           quad / (np.sqrt(2) * np.sqrt(f))], axis=-1)
+
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  kv = np.zeros((b, h, 1 + f + f * f, d)) if kv0 is None else np.asarray(kv0, np.float64).copy()
+  ks = np.zeros((b, h, 1 + f + f * f)) if k0 is None else np.asarray(k0, np.float64).copy()
+  y = np.zeros((b, t, h, d))
+  for i in range(t):
+    pk, pq = phi(k[:, i]), phi(q[:, i])
+    kv += pk[..., :, None] * v[:, i, :, None, :]
+    ks += pk
+    y[:, i] = np.einsum("bhe,bhed->bhd", pq, kv) / (np.einsum("bhe,bhe->bh", pq, ks)[..., None]
+                                                      + EPS)
+  return y, kv, ks
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def inputs(seed, b, t, h, f, d, dtype=jnp.float32):
+  r = np.random.default_rng(seed)
+  return tuple(jnp.asarray(r.normal(size=s), dtype) for s in
+               ((b, t, h, f), (b, t, h, f), (b, t, h, d)))
+
+
+def test_feature_map_inner_product_is_taylor_polynomial():
+  r = np.random.default_rng(0)
+  q, k = r.normal(size=(2, 50, 16))
+  s = np.sum(q * k, -1) / 4.0
+  got = np.sum(np.asarray(taylor_feature_map(q)) * np.asarray(taylor_feature_map(k)), -1)
+  np.testing.assert_allclose(got, 1 + s + s * s / 2, rtol=1e-5)
+  assert feature_width(16) == 273
+
+
+@pytest.mark.parametrize("t", [1, 5, 64, 100])
+@pytest.mark.parametrize("form", ["quadratic", "chunked", "recurrent"])
+def test_forms_match_float64_numpy(form, t):
+  q, k, v = inputs(t, 2, t, 3, 8, 5)
+  fn = {"quadratic": reference.quadratic, "recurrent": reference.recurrent,
+        "chunked": lambda *a: xla.chunked(*a, chunk_size=16)}[form]
+  y, state = fn(q, k, v)
+  y_ref, kv_ref, k_ref = numpy_taylor_attention(q, k, v)
+  assert rel(y, y_ref) < 1e-5
+  assert rel(state.kv, kv_ref) < 1e-5 and rel(state.k, k_ref) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["quadratic", "chunked", "recurrent"])
+def test_initial_state_continues_the_sequence(form):
+  q, k, v = inputs(7, 2, 40, 2, 4, 3)
+  fn = {"quadratic": reference.quadratic, "recurrent": reference.recurrent,
+        "chunked": lambda *a, **kw: xla.chunked(*a, chunk_size=8, **kw)}[form]
+  _, first = fn(q[:, :23], k[:, :23], v[:, :23])
+  y2, final = fn(q[:, 23:], k[:, 23:], v[:, 23:], state=first)
+  y_ref, kv_ref, _ = numpy_taylor_attention(q, k, v)
+  assert rel(y2, y_ref[:, 23:]) < 1e-5
+  assert rel(final.kv, kv_ref) < 1e-5
+
+
+def test_gradients_agree_across_forms():
+  q, k, v = inputs(3, 2, 37, 2, 4, 6)
+  w = jax.random.normal(jax.random.key(0), v.shape)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(fn(q, k, v)[0] * w)
+
+  g_quad = jax.grad(loss(reference.quadratic), argnums=(0, 1, 2))(q, k, v)
+  g_chunk = jax.grad(loss(lambda *a: xla.chunked(*a, chunk_size=16)), argnums=(0, 1, 2))(q, k, v)
+  g_rec = jax.grad(loss(reference.recurrent), argnums=(0, 1, 2))(q, k, v)
+  for a, b, c in zip(g_quad, g_chunk, g_rec):
+    assert rel(b, a) < 1e-4 and rel(c, a) < 1e-4
+
+
+@pytest.mark.parametrize("argnum", [0, 1, 2])
+def test_gradients_match_finite_differences_of_the_numpy_reference(argnum):
+  args = inputs(5, 1, 9, 2, 3, 2)
+  w = np.random.default_rng(1).normal(size=args[2].shape)
+  direction = np.random.default_rng(2).normal(size=args[argnum].shape)
+  g = jax.grad(lambda *a: jnp.sum(xla.chunked(*a, chunk_size=4)[0] * w), argnums=argnum)(*args)
+
+  def loss64(step):  # float64 central difference along `direction`
+    a = [np.asarray(x, np.float64) for x in args]
+    a[argnum] = a[argnum] + step * direction
+    return np.sum(numpy_taylor_attention(*a)[0] * w)
+
+  h = 1e-5
+  fd = (loss64(h) - loss64(-h)) / (2 * h)
+  np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * direction), fd, rtol=1e-4)
+
+
+def test_lengths_keep_padding_out_of_the_state():
+  q, k, v = inputs(11, 3, 30, 2, 4, 3)
+  lengths = jnp.array([30, 1, 17])
+  y, state = causal_taylor_attention(q, k, v, lengths=lengths, impl="xla")
+  for i, n in enumerate(np.asarray(lengths)):
+    y_ref, kv_ref, k_ref = numpy_taylor_attention(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n])
+    assert rel(y[i:i + 1, :n], y_ref) < 1e-5
+    assert rel(state.kv[i:i + 1], kv_ref) < 1e-5 and rel(state.k[i:i + 1], k_ref) < 1e-5
+
+
+def test_decode_step_through_the_api():
+  q, k, v = inputs(2, 2, 12, 2, 4, 3)
+  _, state = causal_taylor_attention(q[:, :11], k[:, :11], v[:, :11])
+  y, final = causal_taylor_attention(q[:, 11:], k[:, 11:], v[:, 11:], state=state)
+  y_ref, kv_ref, _ = numpy_taylor_attention(q, k, v)
+  assert rel(y[:, 0], y_ref[:, 11]) < 1e-5 and rel(final.kv, kv_ref) < 1e-5
+
+
+def test_bfloat16_inputs_keep_a_float32_normaliser():
+  t = 2048  # long enough that a bf16 normaliser (~T) would lose digits
+  q, k, v = inputs(4, 1, t, 1, 4, 2)
+  y, state = xla.chunked(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16 and state.kv.dtype == jnp.float32
+  y_ref, _, _ = numpy_taylor_attention(*(np.asarray(x.astype(jnp.bfloat16), np.float32)
+                                         for x in (q, k, v)))
+  assert rel(y, y_ref) < 1e-2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(q=jnp.zeros((2, 3, 4))), "rank 4"),
+    (dict(k=jnp.zeros((2, 3, 1, 5))), "same shape"),
+    (dict(v=jnp.zeros((2, 4, 1, 3))), "v must match"),
+    (dict(q=jnp.zeros((2, 3, 1, 4), jnp.int32)), "floating"),
+    (dict(lengths=jnp.zeros((3,), jnp.int32)), "lengths"),
+    (dict(state=TaylorState(jnp.zeros((2, 1, 5, 3)), jnp.zeros((2, 1, 5)))), "state shapes"),
+    (dict(impl="nope"), "impl"),
+])
+def test_bad_inputs_raise_clear_errors(bad, match):
+  args = dict(q=jnp.zeros((2, 3, 1, 4)), k=jnp.zeros((2, 3, 1, 4)), v=jnp.zeros((2, 3, 1, 3)))
+  args.update(bad)
+  q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+  with pytest.raises(ValueError, match=match):
+    causal_taylor_attention(q, k, v, **args)
