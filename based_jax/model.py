@@ -11,6 +11,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from based_jax import config as config_lib
 from based_jax.cache import ModelCache
@@ -50,8 +51,9 @@ def _check_tokens(tokens: jnp.ndarray, vocab_size: int) -> None:
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.shape} "
                      f"{tokens.dtype}")
-  if not isinstance(tokens, jax.core.Tracer) and tokens.size:
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+  if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # concrete: check the values
+    host = np.asarray(tokens)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
       raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo} max {hi}")
 

@@ -1,0 +1,1 @@
+"""Training infrastructure shared by every experiment: optimizer, sharding, steps, checkpoints."""

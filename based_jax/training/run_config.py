@@ -1,0 +1,118 @@
+"""The configuration of a training run, with named presets, and absl flags for every field."""
+
+import dataclasses
+import typing
+from typing import Any
+
+from absl import flags
+
+from based_jax.config import ModelConfig
+from based_jax.training.optimizer import OptimizerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """Everything that defines a run besides the model fields (see ModelConfig)."""
+  model: str = "mqar_based"  # model preset name (based_jax.config.PRESETS).
+  train_mix: str = "small_train"  # MQAR training mix name (data.mqar).
+  test_mix: str = "small_test"  # MQAR test slices, evaluated separately.
+  vocab_size: int = 8192  # MQAR vocabulary: keys [1, V/2), values [V/2, V).
+  batch_size: int = 64  # global batch, split over the devices.
+  eval_every: int = 100  # steps between evaluations.
+  log_every: int = 20  # steps between metric logs.
+  checkpoint_every: int = 200  # steps between checkpoints.
+  keep_checkpoints: int = 3  # most recent checkpoints kept.
+  target_accuracy: float = 1.1  # stop once the mean test accuracy reaches this (>1: never).
+  seed: int = 0  # seeds init, data order and data generation.
+  optimizer: OptimizerConfig = OptimizerConfig()  # AdamW + schedule.
+
+  def __post_init__(self):
+    for name in ("batch_size", "eval_every", "log_every", "checkpoint_every", "vocab_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+  def replace(self, **changes) -> "RunConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self, model_config: ModelConfig) -> dict:
+    """What a checkpoint must agree with to be resumed (the schedule length may change)."""
+    run = dataclasses.asdict(self)
+    opt = run.pop("optimizer")
+    for transient in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
+                      "target_accuracy"):
+      run.pop(transient)
+    opt.pop("total_steps")
+    return {**run, **{f"optimizer.{k}": v for k, v in opt.items()},
+            **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()}}
+
+
+RUN_PRESETS: dict[str, RunConfig] = {
+    # The README default: a small BASED on the laptop MQAR mix, about 10 minutes on 2 cores.
+    "mqar_small": RunConfig(
+        optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=100, total_steps=2000),
+        target_accuracy=0.99),
+    # SPEC section 5: the paper's mix, batch 256, 32 epochs of 200k examples.
+    "mqar_paper": RunConfig(
+        train_mix="paper_train", test_mix="paper_test", batch_size=256, eval_every=500,
+        checkpoint_every=1000,
+        optimizer=OptimizerConfig(learning_rate=3.2e-3, warmup_steps=500, total_steps=25_000,
+                                  end_lr_ratio=0.0)),
+}
+
+
+def get_run_config(name: str) -> RunConfig:
+  if name not in RUN_PRESETS:
+    raise ValueError(f"unknown run preset {name!r}; known: {sorted(RUN_PRESETS)}")
+  return RUN_PRESETS[name]
+
+
+# --- absl flags: one optional flag per field, overriding the preset when given. ---
+
+_SCALARS = (int, float, str, bool)
+
+
+def _field_types(cls) -> dict[str, type]:
+  hints = typing.get_type_hints(cls)
+  return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in _SCALARS}
+
+
+def define_flags(cls, prefix: str = "") -> None:
+  """Defines --<prefix><field> for each scalar field of `cls`, default None (= preset)."""
+  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
+              bool: flags.DEFINE_bool}
+  for name, kind in _field_types(cls).items():
+    definers[kind](prefix + name, None, f"Override {cls.__name__}.{name}.")
+
+
+def overrides_from_flags(cls, prefix: str = "") -> dict[str, Any]:
+  """Field values given on the command line."""
+  values = {}
+  for name in _field_types(cls):
+    value = flags.FLAGS[prefix + name].value
+    if value is not None:
+      values[name] = value
+  return values
+
+
+def parse_assignments(cls, assignments: list[str]) -> dict[str, Any]:
+  """'field=value' strings -> typed values for the dataclass `cls` (tuples as 1,2,3)."""
+  hints = typing.get_type_hints(cls)
+  out = {}
+  for item in assignments:
+    name, sep, text = item.partition("=")
+    if not sep or name not in hints:
+      raise ValueError(f"bad override {item!r}: expected field=value with field one of "
+                       f"{sorted(hints)}")
+    kind = hints[name]
+    try:
+      if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(text)
+        out[name] = text.lower() in ("true", "1")
+      elif typing.get_origin(kind) is tuple:
+        out[name] = tuple(int(x) for x in text.split(",") if x.strip())
+      else:
+        out[name] = kind(text)
+    except ValueError as e:
+      raise ValueError(f"bad value for {name} ({kind}): {text!r}") from e
+  return out

@@ -1,0 +1,41 @@
+"""Data-parallel batches and FSDP-style parameter sharding over one mesh axis.
+
+All local devices form a 1-D mesh with axis "data". Batches are split along their leading
+dimension. Each parameter (and each optimizer-state leaf) is split along its largest dimension
+that the device count divides, and replicated if none does; XLA inserts the all-gathers and
+reduce-scatters. One device is simply a mesh of size 1.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.local_devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
+  """Shard the largest dimension divisible by n; replicate otherwise."""
+  if n > 1:
+    for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
+      if shape[dim] % n == 0:
+        return P(*[AXIS if i == dim else None for i in range(len(shape))])
+  return P()
+
+
+def tree_shardings(mesh: Mesh, tree):
+  """NamedShardings for every array leaf of a pytree of arrays or ShapeDtypeStructs."""
+  n = mesh.devices.size
+  return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), n)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
