@@ -53,15 +53,17 @@ def resolve_config() -> tuple[RunConfig, ModelConfig]:
   return run, model
 
 
-def evaluate(eval_step, params, test_sets, batch_size: int, mesh) -> dict[str, float]:
+def evaluate(eval_step, params, test_slices, test_sets, batch_size: int,
+             mesh) -> dict[str, float]:
   """Per-query accuracy of every test slice, and their mean."""
   results = {}
-  for name, (inputs, labels) in test_sets.items():
+  for spec, data in zip(test_slices, test_sets):
     correct = count = 0
-    for batch in pipeline.make_eval_batches(inputs, labels, batch_size=batch_size):
-      c, n = eval_step(params, jax.device_put(batch, sharding.batch_sharding(mesh)))
+    for batch in pipeline.make_eval_batches(data.inputs, data.labels, batch_size=batch_size):
+      c, n = eval_step(params, jax.device_put(batch, sharding.batch_sharding(mesh)),
+                       spec.num_kv_pairs)
       correct, count = correct + int(c), count + int(n)
-    results[f"test/{name}"] = correct / max(count, 1)
+    results[f"test/{spec.name}"] = correct / max(count, 1)
   results["test/mean"] = float(np.mean(list(results.values())))
   return results
 
@@ -74,41 +76,43 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str) -> dict[str, 
 
   train_slices, test_slices = mqar.get_mix(run.train_mix), mqar.get_mix(run.test_mix)
   logging.info("generating MQAR data: %s", run.train_mix)
-  train_data = mqar.build_mix(train_slices, vocab_size=run.vocab_size, seed=run.seed)
-  test_sets = {f"{s.seq_len}x{s.num_kv_pairs}": mqar.generate_mqar(
-      s.num_examples, s.seq_len, s.num_kv_pairs, vocab_size=run.vocab_size,
-      seed=mqar.test_seed(run.seed, i)) for i, s in enumerate(test_slices)}
-  test_sets = {k: (v.inputs, v.labels) for k, v in test_sets.items()}
-  max_labels = max(s.num_kv_pairs for s in (*train_slices, *test_slices))
+  train_data = mqar.generate_mix(train_slices, split="train", vocab_size=run.vocab_size,
+                                 seed=run.seed)
+  test_sets = mqar.generate_mix(test_slices, split="test", vocab_size=run.vocab_size,
+                                seed=run.seed)
+  # Labelled positions per row, by sequence length (each training batch has one length).
+  max_labels = {}
+  for s in train_slices:
+    max_labels[s.seq_len] = max(max_labels.get(s.seq_len, 0), s.num_kv_pairs)
 
   mesh = sharding.make_mesh()
   model, optimizer = LanguageModel(model_config), make_optimizer(run.optimizer)
   example = jnp.zeros((1, 8), jnp.int32)
   shapes = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, run.seed, example))
   shardings = step_lib.state_shardings(mesh, shapes)
-  iterator = pipeline.make_train_iterator(train_data.inputs, train_data.labels,
-                                          batch_size=run.batch_size, seed=run.seed)
+  iterator = pipeline.make_train_iterator(train_data, batch_size=run.batch_size, seed=run.seed)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(abstract_like(shapes, shardings), iterator)
     print(f"resumed from step {int(state.step)} in {workdir}")
   else:
     state = jax.jit(lambda: step_lib.init_state(model, optimizer, run.seed, example),
                     out_shardings=shardings)()
-  train_step = step_lib.make_train_step(model, optimizer, max_labels, mesh, shardings)
-  eval_step = step_lib.make_eval_step(model, max_labels, mesh, shardings.params)
+  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings)
+  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
 
   writer = MetricWriter(workdir)
   state_bytes = state_size_bytes(model_config, max(s.seq_len for s in test_slices),
                                  symmetric_features=True).total
   print(f"model {run.model}: d_model {model_config.d_model}, state {state_bytes:,} bytes; "
-        f"{len(train_data.inputs):,} training sequences; devices: {jax.device_count()}")
+        f"{sum(len(d.inputs) for d in train_data):,} training sequences; "
+        f"devices: {jax.device_count()}")
   start = int(state.step)
   results: dict[str, float] = {}
   bar = tqdm.tqdm(total=run.optimizer.total_steps, initial=start, unit="step", dynamic_ncols=True)
   tokens, tick = 0, time.perf_counter()
   for step in range(start + 1, run.optimizer.total_steps + 1):
     batch = jax.device_put(next(iterator), sharding.batch_sharding(mesh))
-    state, metrics = train_step(state, batch)
+    state, metrics = train_step(state, batch, max_labels[batch["inputs"].shape[1]])
     tokens += batch["inputs"].size
     done = step == run.optimizer.total_steps
     if step % run.log_every == 0 or done:
@@ -120,7 +124,7 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str) -> dict[str, 
                       tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
                       test=f"{results.get('test/mean', float('nan')):.3f}")
     if step % run.eval_every == 0 or done:
-      results = evaluate(eval_step, state.params, test_sets, run.batch_size, mesh)
+      results = evaluate(eval_step, state.params, test_slices, test_sets, run.batch_size, mesh)
       writer.write(step, results)
       bar.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items()))
       done = done or results["test/mean"] >= run.target_accuracy
@@ -134,7 +138,7 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str) -> dict[str, 
   checkpointer.close()
   writer.close()
   if not results:  # resumed a finished run
-    results = evaluate(eval_step, state.params, test_sets, run.batch_size, mesh)
+    results = evaluate(eval_step, state.params, test_slices, test_sets, run.batch_size, mesh)
   summary = {"step": int(state.step), "state_bytes": state_bytes, **results}
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -144,6 +148,8 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str) -> dict[str, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the bar
+    logging.set_verbosity(logging.WARNING)
   try:
     run, model_config = resolve_config()
   except ValueError as e:
@@ -153,7 +159,7 @@ def main(argv):
   try:
     summary = train(run, model_config, workdir)
   except ValueError as e:  # bad data arguments, incompatible or unwritable checkpoints
-    raise app.UsageError(str(e)) from e
+    raise SystemExit(f"error: {e}") from e
   print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']} "
         f"(state {summary['state_bytes']:,} bytes):")
   for key, value in summary.items():

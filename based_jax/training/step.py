@@ -63,10 +63,13 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
 
 
 def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformation,
-                    max_labels: int, mesh: Mesh, shardings: TrainState):
-  """A jitted (state, batch) -> (state, metrics) with the state donated."""
+                    mesh: Mesh, shardings: TrainState):
+  """A jitted (state, batch, max_labels) -> (state, metrics), the state donated.
 
-  def train_step(state: TrainState, batch):
+  `max_labels` (static) bounds the labelled positions per row of the batch.
+  """
+
+  def train_step(state: TrainState, batch, max_labels: int):
     grad_fn = jax.value_and_grad(loss_and_counts, argnums=1, has_aux=True)
     (loss, (_, correct, count)), grads = grad_fn(model, state.params, batch, max_labels)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -78,15 +81,16 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
 
   batch_sharding = sharding.batch_sharding(mesh)
   return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
+                 static_argnums=2)
 
 
-def make_eval_step(model: LanguageModel, max_labels: int, mesh: Mesh, param_shardings):
-  """A jitted (params, batch) -> (correct, count) over labelled positions."""
+def make_eval_step(model: LanguageModel, mesh: Mesh, param_shardings):
+  """A jitted (params, batch, max_labels) -> (correct, count) over labelled positions."""
 
-  def eval_step(params, batch):
+  def eval_step(params, batch, max_labels: int):
     _, (_, correct, count) = loss_and_counts(model, params, batch, max_labels)
     return correct, count
 
   return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh), static_argnums=2)
