@@ -17,8 +17,8 @@ import jax
 from absl import app, flags
 
 from based_jax.config import get_config
-from based_jax.training.run_config import get_run_config
-from experiments.train import train
+from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
+from experiments.mqar_training import train
 
 # (label, model preset, {model field: value}) for each point.
 GRIDS = {
@@ -38,10 +38,14 @@ GRIDS = {
 _GRID = flags.DEFINE_enum("grid", "paper_gpu", sorted(GRIDS), "Which grid to run.")
 _RUN = flags.DEFINE_string("run", "mqar_paper", "Run preset for every point.")
 _LRS = flags.DEFINE_list("lrs", ["1e-3", "3.2e-3"], "Learning rates tried per point.")
-_STEPS = flags.DEFINE_integer("steps", None, "Override the preset's total_steps.")
-_BATCH = flags.DEFINE_integer("batch_size", None, "Override the preset's batch size.")
+_STEPS = flags.DEFINE_integer("steps", None, "Override the preset's total_steps (warm-up is "
+                              "capped at a tenth of it).")
+_RUN_SET = flags.DEFINE_multi_string("run_set", [], "Run field override, field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent of the per-run workdirs.")
 _OUT = flags.DEFINE_string("out", "experiments/results/mqar_sweep", "Output path prefix.")
+_POINTS = flags.DEFINE_list("points", None, "Indices of the grid points to run (default all).")
+_MERGE = flags.DEFINE_list("merge", None, "Instead of training, merge these sweep JSON files "
+                           "(e.g. parts run on separate machines) into --out.json/.png.")
 
 
 def plot(points: list[dict], path: str) -> None:
@@ -67,14 +71,44 @@ def plot(points: list[dict], path: str) -> None:
   fig.savefig(path, dpi=150)
 
 
+def write(points: list[dict], meta: dict) -> None:
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value + ".json", "w") as f:
+    json.dump({"meta": meta, "points": points}, f, indent=1)
+  plot(points, _OUT.value + ".png")
+  for p in points:
+    print(f"{p['label']:24s} state {p['state_bytes']:>10,d} B  acc {p['accuracy']:.3f}  "
+          f"lr {p['best_lr']}")
+
+
+def merge(paths: list[str]) -> None:
+  parts = []
+  for path in paths:
+    with open(path) as f:
+      parts.append(json.load(f))
+  write([p for part in parts for p in part["points"]],
+        {"merged_from": paths, "parts": [part["meta"] for part in parts]})
+
+
 def main(argv):
   del argv
+  if _MERGE.value:
+    merge(_MERGE.value)
+    return
+  grid = GRIDS[_GRID.value]
+  if _POINTS.value:
+    grid = [grid[int(i)] for i in _POINTS.value]
   base = get_run_config(_RUN.value)
-  opt_changes = {} if _STEPS.value is None else {"total_steps": _STEPS.value}
+  opt_changes = {} if _STEPS.value is None else {
+      "total_steps": _STEPS.value,
+      "warmup_steps": min(base.optimizer.warmup_steps, _STEPS.value // 10)}
   base = base.replace(optimizer=dataclasses.replace(base.optimizer, **opt_changes),
-                      **({} if _BATCH.value is None else {"batch_size": _BATCH.value}))
+                      **parse_assignments(RunConfig, _RUN_SET.value))
+  meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+          "jax": jax.__version__, "python": platform.python_version(), "grid": _GRID.value,
+          "run": dataclasses.asdict(base)}
   points = []
-  for label, preset, fields in GRIDS[_GRID.value]:
+  for label, preset, fields in grid:
     runs = []
     for lr in _LRS.value:
       run = base.replace(model=preset, optimizer=dataclasses.replace(
@@ -82,7 +116,7 @@ def main(argv):
       model_config = get_config(preset, **fields)
       name = f"{preset}_" + "_".join(f"{k}{v}" for k, v in fields.items()) + f"_lr{lr}"
       print(f"=== {label}, lr {lr}")
-      summary = train(run, model_config, os.path.join(_WORKDIR.value, name))
+      summary, _ = train(run, model_config, os.path.join(_WORKDIR.value, name))
       runs.append({"lr": float(lr), **summary})
     best = max(runs, key=lambda r: r["test/mean"])
     points.append({"label": label, "preset": preset, "fields": fields,
@@ -90,16 +124,7 @@ def main(argv):
                    "best_lr": best["lr"],
                    "per_slice": {k[5:]: v for k, v in best.items() if k.startswith("test/")},
                    "all_runs": runs})
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  meta = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-          "jax": jax.__version__, "python": platform.python_version(), "grid": _GRID.value,
-          "run": dataclasses.asdict(base)}
-  with open(_OUT.value + ".json", "w") as f:
-    json.dump({"meta": meta, "points": points}, f, indent=1)
-  plot(points, _OUT.value + ".png")
-  for p in points:
-    print(f"{p['label']:24s} state {p['state_bytes']:>10,d} B  acc {p['accuracy']:.3f}  "
-          f"lr {p['best_lr']}")
+    write(points, meta)  # after every point, so an interrupted sweep keeps what it finished
 
 
 if __name__ == "__main__":

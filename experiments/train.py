@@ -10,30 +10,23 @@ changed with --model_set field=value (repeatable).
 """
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import tqdm
 from absl import app, flags, logging
 
 from based_jax.config import ModelConfig, get_config
-from based_jax.model import LanguageModel
-from based_jax.state_size import state_size_bytes
-from based_jax.training import sharding, step as step_lib
-from based_jax.training.checkpointing import Checkpointer, abstract_like
-from based_jax.training.metrics import MetricWriter
-from based_jax.training.optimizer import OptimizerConfig, make_optimizer
+from based_jax.training.optimizer import OptimizerConfig
 from based_jax.training.run_config import (RUN_PRESETS, RunConfig, define_flags, get_run_config,
                                            overrides_from_flags, parse_assignments)
-from data import mqar, pipeline
+from experiments.mqar_training import train
 
 _RUN = flags.DEFINE_enum("run", "mqar_small", sorted(RUN_PRESETS), "Run preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Checkpoints and metrics; default runs/<run>_<model>.")
+_STEPS_THIS_RUN = flags.DEFINE_integer(
+    "steps_this_run", None, "Stop after this many steps (checkpointed); rerun to continue.")
 _MODEL_SET = flags.DEFINE_multi_string("model_set", [], "Model field override, field=value.")
 define_flags(RunConfig)
 define_flags(OptimizerConfig)
@@ -53,98 +46,6 @@ def resolve_config() -> tuple[RunConfig, ModelConfig]:
   return run, model
 
 
-def evaluate(eval_step, params, test_slices, test_sets, batch_size: int,
-             mesh) -> dict[str, float]:
-  """Per-query accuracy of every test slice, and their mean."""
-  results = {}
-  for spec, data in zip(test_slices, test_sets):
-    correct = count = 0
-    for batch in pipeline.make_eval_batches(data.inputs, data.labels, batch_size=batch_size):
-      c, n = eval_step(params, jax.device_put(batch, sharding.batch_sharding(mesh)),
-                       spec.num_kv_pairs)
-      correct, count = correct + int(c), count + int(n)
-    results[f"test/{spec.name}"] = correct / max(count, 1)
-  results["test/mean"] = float(np.mean(list(results.values())))
-  return results
-
-
-def train(run: RunConfig, model_config: ModelConfig, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) and returns the final test metrics."""
-  config_json = run.to_json(model_config)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), run.keep_checkpoints)
-  checkpointer.check_compatible(config_json)
-
-  train_slices, test_slices = mqar.get_mix(run.train_mix), mqar.get_mix(run.test_mix)
-  logging.info("generating MQAR data: %s", run.train_mix)
-  train_data = mqar.generate_mix(train_slices, split="train", vocab_size=run.vocab_size,
-                                 seed=run.seed)
-  test_sets = mqar.generate_mix(test_slices, split="test", vocab_size=run.vocab_size,
-                                seed=run.seed)
-  # Labelled positions per row, by sequence length (each training batch has one length).
-  max_labels = {}
-  for s in train_slices:
-    max_labels[s.seq_len] = max(max_labels.get(s.seq_len, 0), s.num_kv_pairs)
-
-  mesh = sharding.make_mesh()
-  model, optimizer = LanguageModel(model_config), make_optimizer(run.optimizer)
-  example = jnp.zeros((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, run.seed, example))
-  shardings = step_lib.state_shardings(mesh, shapes)
-  iterator = pipeline.make_train_iterator(train_data, batch_size=run.batch_size, seed=run.seed)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract_like(shapes, shardings), iterator)
-    print(f"resumed from step {int(state.step)} in {workdir}")
-  else:
-    state = jax.jit(lambda: step_lib.init_state(model, optimizer, run.seed, example),
-                    out_shardings=shardings)()
-  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings)
-  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
-
-  writer = MetricWriter(workdir)
-  state_bytes = state_size_bytes(model_config, max(s.seq_len for s in test_slices),
-                                 symmetric_features=True).total
-  print(f"model {run.model}: d_model {model_config.d_model}, state {state_bytes:,} bytes; "
-        f"{sum(len(d.inputs) for d in train_data):,} training sequences; "
-        f"devices: {jax.device_count()}")
-  start = int(state.step)
-  results: dict[str, float] = {}
-  bar = tqdm.tqdm(total=run.optimizer.total_steps, initial=start, unit="step", dynamic_ncols=True)
-  tokens, tick = 0, time.perf_counter()
-  for step in range(start + 1, run.optimizer.total_steps + 1):
-    batch = jax.device_put(next(iterator), sharding.batch_sharding(mesh))
-    state, metrics = train_step(state, batch, max_labels[batch["inputs"].shape[1]])
-    tokens += batch["inputs"].size
-    done = step == run.optimizer.total_steps
-    if step % run.log_every == 0 or done:
-      metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
-      metrics["train/tokens_per_s"] = tokens / (time.perf_counter() - tick)
-      tokens, tick = 0, time.perf_counter()
-      writer.write(step, metrics)
-      bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}",
-                      tok_s=f"{metrics['train/tokens_per_s']:,.0f}",
-                      test=f"{results.get('test/mean', float('nan')):.3f}")
-    if step % run.eval_every == 0 or done:
-      results = evaluate(eval_step, state.params, test_slices, test_sets, run.batch_size, mesh)
-      writer.write(step, results)
-      bar.write(f"step {step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in results.items()))
-      done = done or results["test/mean"] >= run.target_accuracy
-    if step % run.checkpoint_every == 0 or done:
-      checkpointer.save(state, iterator, config_json)
-    bar.update(1)
-    if done:
-      break
-  bar.close()
-  checkpointer.wait()
-  checkpointer.close()
-  writer.close()
-  if not results:  # resumed a finished run
-    results = evaluate(eval_step, state.params, test_slices, test_sets, run.batch_size, mesh)
-  summary = {"step": int(state.step), "state_bytes": state_bytes, **results}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-  return summary
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -157,7 +58,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", f"{_RUN.value}_{run.model}")
   start = time.time()
   try:
-    summary = train(run, model_config, workdir)
+    summary, _ = train(run, model_config, workdir, _STEPS_THIS_RUN.value)
   except ValueError as e:  # bad data arguments, incompatible or unwritable checkpoints
     raise SystemExit(f"error: {e}") from e
   print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']} "
