@@ -42,15 +42,34 @@ def check_prompts(config: ModelConfig, prompts, prompt_lengths, max_len: int) ->
     raise ValueError(f"prompts of {prompts.shape[1]} tokens do not fit max_len={max_len}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len"))
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk_size"))
 def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: jnp.ndarray,
-            max_len: int) -> tuple[jnp.ndarray, ModelCache]:
-  """Runs right-padded prompts [B, P] into a fresh cache; returns last-token logits [B, V]."""
-  cache = init_cache(config, prompts.shape[0], max_len)
-  logits, cache = LanguageModel(config).apply(
-      params, prompts, cache=cache, lengths=prompt_lengths,
-      logits_at=(prompt_lengths - 1)[:, None])
-  return logits[:, 0], cache
+            max_len: int, chunk_size: int = 256) -> tuple[jnp.ndarray, ModelCache]:
+  """Runs right-padded prompts [B, P] into a fresh cache; returns last-token logits [B, V].
+
+  The prompt goes through the model `chunk_size` tokens at a time (a `lax.scan` carrying the
+  cache), so activation memory is bounded by the chunk, not by P: the same cached call that
+  decoding uses, with per-row lengths so padding enters no state.
+  """
+  b, p = prompts.shape
+  c = min(chunk_size, p)
+  n = -(-p // c)
+  chunks = jnp.pad(prompts, ((0, 0), (0, n * c - p))).reshape(b, n, c).swapaxes(0, 1)
+  model = LanguageModel(config)
+  last = prompt_lengths - 1
+
+  def step(carry, xs):
+    cache, last_logits = carry
+    tokens, start = xs
+    logits, cache = model.apply(
+        params, tokens, cache=cache, lengths=jnp.clip(prompt_lengths - start, 0, c),
+        logits_at=jnp.clip(last - start, 0, c - 1)[:, None])
+    here = (last >= start) & (last < start + c)
+    return (cache, jnp.where(here[:, None], logits[:, 0], last_logits)), None
+
+  init = (init_cache(config, b, max_len), jnp.zeros((b, config.vocab_size), jnp.float32))
+  (cache, logits), _ = jax.lax.scan(step, init, (chunks, jnp.arange(n) * c))
+  return logits, cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id"),

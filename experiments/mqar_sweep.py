@@ -48,6 +48,12 @@ _MERGE = flags.DEFINE_list("merge", None, "Instead of training, merge these swee
                            "(e.g. parts run on separate machines) into --out.json/.png.")
 
 
+def in_distribution(point: dict, max_len: int = 256) -> float:
+  """Mean accuracy over the test slices no longer than the training sequences."""
+  accs = [v for k, v in point["per_slice"].items() if k != "mean" and int(k.split("x")[0]) <= max_len]
+  return sum(accs) / len(accs)
+
+
 def plot(points: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -57,7 +63,10 @@ def plot(points: list[dict], path: str) -> None:
   for family in families:
     pts = sorted((p for p in points if p["label"].startswith(family)),
                  key=lambda p: p["state_bytes"])
-    ax.plot([p["state_bytes"] for p in pts], [p["accuracy"] for p in pts], "o-", label=family)
+    line, = ax.plot([p["state_bytes"] for p in pts], [p["accuracy"] for p in pts], "o-",
+                    label=f"{family} (all test slices)")
+    ax.plot([p["state_bytes"] for p in pts], [in_distribution(p) for p in pts], "s--",
+            color=line.get_color(), alpha=0.6, label=f"{family} (test length <= 256)")
     for p in pts:
       ax.annotate(p["label"].replace(family, "").strip(), (p["state_bytes"], p["accuracy"]),
                   fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -66,7 +75,7 @@ def plot(points: list[dict], path: str) -> None:
   ax.set_ylabel("MQAR accuracy (mean over test slices)")
   ax.set_ylim(0, 1.02)
   ax.grid(alpha=0.3)
-  ax.legend()
+  ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=150)
 
@@ -77,8 +86,8 @@ def write(points: list[dict], meta: dict) -> None:
     json.dump({"meta": meta, "points": points}, f, indent=1)
   plot(points, _OUT.value + ".png")
   for p in points:
-    print(f"{p['label']:24s} state {p['state_bytes']:>10,d} B  acc {p['accuracy']:.3f}  "
-          f"lr {p['best_lr']}")
+    print(f"{p['label']:24s} state {p['state_bytes']:>10,d} B  acc {p['accuracy']:.3f} "
+          f"(length <= 256: {in_distribution(p):.3f})  lr {p['best_lr']}")
 
 
 def merge(paths: list[str]) -> None:

@@ -159,3 +159,20 @@ def test_bad_tokens_and_prompts():
   tpp = get_config("transformer_pp_tiny")
   with pytest.raises(ValueError, match="max_len"):
     generate(tpp, init_params(tpp), np.zeros((1, 8), np.int32), max_new_tokens=4, max_len=10)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_chunked_prefill_equals_one_shot_forward(preset):
+  from based_jax.generate import prefill
+  config = get_config(preset, init_std=0.1)
+  params, model = init_params(config, seed=3), LanguageModel(config)
+  prompts = np.random.default_rng(2).integers(0, config.vocab_size, (3, 23))
+  lengths = np.array([23, 1, 10])
+  outs = [prefill(config, params, jnp.asarray(prompts), jnp.asarray(lengths), 40, chunk_size=c)
+          for c in (5, 64)]
+  for i, n in enumerate(lengths):
+    full, _ = model.apply(params, jnp.asarray(prompts[i:i + 1, :n]))
+    for logits, _ in outs:
+      assert rel(logits[i], full[0, -1]) < 1e-5
+  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
