@@ -116,7 +116,9 @@ SHARDED_SCRIPT = textwrap.dedent("""
     kernel = finals[1].params["params"]["layers_0"]["mixer"]["in_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     for a, b in zip(jax.tree.leaves(finals[0].params), jax.tree.leaves(finals[1].params)):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+      # Sharded reductions sum in another order; Adam turns tiny gradient differences into
+      # parameter differences of order 1e-6 (lr 1e-2), so compare at atol 1e-5.
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
     print("SHARDED_OK")
 """)
 
