@@ -76,7 +76,7 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   batch_sharding = sharding.batch_sharding(mesh)
