@@ -2,20 +2,35 @@
 
 Layout [batch, time, heads, dim]; see `reference.py` for the math and the dimension letters.
 Implementations:
-  "xla"   the chunked pure-JAX form (`xla.py`), runs everywhere, differentiable by autodiff;
-  "auto"  the fastest implementation available for the backend and shapes.
-A single-token call with a state (decoding) goes to the recurrent step.
+  "xla"               the chunked pure-JAX form (`xla.py`; decoding: `reference.recurrent_step`),
+                      runs on every backend, differentiable by autodiff;
+  "pallas"            the Pallas kernels (Triton lowering, GPU): `pallas_chunked.py` with its
+                      custom VJP for training and prefill, `pallas_decode.py` for decoding;
+  "pallas_interpret"  the same kernels in the Pallas interpreter (any backend; for tests);
+  "triton"            as "pallas", but decoding through the jax-triton kernel
+                      (`triton_decode.py`; needs jax-triton and a GPU);
+  "auto"              "pallas" on GPU for the shapes the kernels support, else "xla"
+                      (with a one-time warning when a GPU run falls back).
+A single-token call with a state (decoding) takes the decode step.
 """
 
+import functools
+import warnings
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 
-from pallas_kernels.taylor_attention import reference, xla
+from pallas_kernels.taylor_attention import (pallas_chunked, pallas_decode, reference,
+                                             triton_decode, xla)
 from pallas_kernels.taylor_attention.state import TaylorState
 from pallas_kernels.taylor_attention.feature_map import feature_width
 
-IMPLEMENTATIONS = ("auto", "xla")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "triton")
+KERNEL_FEATURE_DIMS = (16,)  # F the kernels are built for (tensor-core tiles, on-chip state)
+KERNEL_MAX_VALUE_DIM = 128  # D, after padding to a power of two
+KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_warned = set()
 
 
 def _check_inputs(q, k, v, state, lengths):
@@ -37,6 +52,70 @@ def _check_inputs(q, k, v, state, lengths):
   if lengths is not None and (lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)):
     raise ValueError(f"lengths must be an integer array of shape ({b},), got "
                      f"{lengths.shape} {lengths.dtype}")
+
+
+def kernel_limits(q, k, v, state) -> Optional[str]:
+  """Why the kernels cannot take these inputs, or None if they can."""
+  f, d = q.shape[-1], v.shape[-1]
+  if f not in KERNEL_FEATURE_DIMS:
+    return f"feature dim F={f} (kernels support F in {KERNEL_FEATURE_DIMS})"
+  if d > KERNEL_MAX_VALUE_DIM:
+    return f"value head dim D={d} (kernels support D <= {KERNEL_MAX_VALUE_DIM})"
+  if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in KERNEL_DTYPES:
+    return (f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (kernels need one dtype of "
+            f"{[jnp.dtype(t).name for t in KERNEL_DTYPES]})")
+  if state is not None and (state.kv.dtype != jnp.float32 or state.k.dtype != jnp.float32):
+    return f"state dtypes {state.kv.dtype}, {state.k.dtype} (kernels keep float32 state)"
+  return None
+
+
+def _resolve(impl, q, k, v, state) -> str:
+  """The implementation to run: a kernel name or "xla"."""
+  if impl == "xla":
+    return impl
+  on_gpu = jax.default_backend() == "gpu"
+  limit = kernel_limits(q, k, v, state)
+  if impl == "auto":
+    if not on_gpu:
+      return "xla"
+    if limit is not None:
+      if limit not in _warned:
+        _warned.add(limit)
+        warnings.warn(f"causal_taylor_attention: falling back to XLA for {limit}")
+      return "xla"
+    return "pallas"
+  if limit is not None:
+    raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
+  if impl in ("pallas", "triton") and not on_gpu:
+    raise ValueError(f"impl={impl!r} needs a GPU (backend is {jax.default_backend()!r}); "
+                     "use 'pallas_interpret' to run the kernels in the interpreter, or 'xla'")
+  if impl == "triton" and not triton_decode.available():
+    raise ValueError("impl='triton' needs jax-triton with a CUDA jaxlib; use 'pallas'")
+  return impl
+
+
+def _reference_step(q, k, v, state, valid, eps):
+  y, new = reference.recurrent_step(q, k, v, state, eps=eps)
+  return y, reference.select_state(valid, new, state)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
+def _kernel_step(step, q, k, v, state, valid, eps):
+  """A decode-step kernel, differentiable through the reference step (decoding rarely is)."""
+  return step(q, k, v, state, valid, eps=eps)
+
+
+def _kernel_step_fwd(step, q, k, v, state, valid, eps):
+  return step(q, k, v, state, valid, eps=eps), (q, k, v, state, valid)
+
+
+def _kernel_step_bwd(step, eps, res, cot):
+  q, k, v, state, valid = res
+  _, vjp = jax.vjp(lambda *a: _reference_step(*a, valid, eps), q, k, v, state)
+  return (*vjp(cot), None)
+
+
+_kernel_step.defvjp(_kernel_step_fwd, _kernel_step_bwd)
 
 
 def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
@@ -61,11 +140,22 @@ def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
   _check_inputs(q, k, v, state, lengths)
+  impl = _resolve(impl, q, k, v, state)
   b, t = q.shape[:2]
-  key_mask = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
+  if impl == "xla":
+    key_mask = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
+    if t == 1 and state is not None:
+      valid = jnp.ones((b,), bool) if key_mask is None else key_mask[:, 0]
+      y, new = _reference_step(q[:, 0], k[:, 0], v[:, 0], state, valid, eps)
+      return y[:, None], new
+    return xla.chunked(q, k, v, state=state, key_mask=key_mask, eps=eps)
+  interpret = impl == "pallas_interpret"
   if t == 1 and state is not None:
-    y, new = reference.recurrent_step(q[:, 0], k[:, 0], v[:, 0], state, eps=eps)
-    if key_mask is not None:
-      new = reference.select_state(key_mask[:, 0], new, state)
+    valid = jnp.ones((b,), bool) if lengths is None else lengths > 0
+    step = (triton_decode.step if impl == "triton"
+            else functools.partial(pallas_decode.step, interpret=interpret))
+    y, new = _kernel_step(step, q[:, 0], k[:, 0], v[:, 0], state, valid, eps)
     return y[:, None], new
-  return xla.chunked(q, k, v, state=state, key_mask=key_mask, eps=eps)
+  lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
+  return pallas_chunked.chunked(q, k, v, reference.initial_state(state, q, v), lengths,
+                                eps=eps, interpret=interpret)

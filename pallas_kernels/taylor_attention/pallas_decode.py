@@ -1,0 +1,91 @@
+"""The fused decoding step of Taylor linear attention as a Pallas kernel (Triton lowering).
+
+Letters as in `reference.py`. For each (batch, head) and block of Dv value columns one program
+reads the float32 state (kv [E, Dv], k [E]) once, adds phi(k_t) v_t^T and phi(k_t), reads
+out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in place (the state
+buffer is aliased to the output; the small k state is written to a fresh buffer, since
+several column blocks read it). phi is built in registers from the F-wide q_t, k_t.
+
+Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
+2 * 4 * E * (D + 1) bytes (about 140 KB at F = 16, D = 64); the flops (about 6 E D) are
+negligible. `block_d` is the largest power of two dividing D, up to 64, so head dims such as
+112 need neither padding nor masks (112 = 7 x 16).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels.taylor_attention.state import TaylorState
+
+
+def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps):
+  f = q_ref.shape[0]
+  p = f * f
+  lin, quad = f ** -0.25, 1.0 / (2.0 ** 0.5 * f ** 0.5)
+  valid = valid_ref[0].astype(jnp.float32)
+  q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
+  v = v_ref[...].astype(jnp.float32) * valid
+  ql, kl = q * lin, k * lin * valid
+  qp = (q[:, None] * q[None, :]).reshape(p) * quad
+  kp = (k[:, None] * k[None, :]).reshape(p) * (quad * valid)
+  sections = ((0, 1, jnp.ones((1,), jnp.float32), valid * jnp.ones((1,), jnp.float32)),
+              (1, f, ql, kl), (1 + f, p, qp, kp))
+  num = jnp.zeros(v.shape, jnp.float32)
+  den = jnp.zeros((), jnp.float32)
+  for start, size, phi_q, phi_k in sections:
+    rows = pl.ds(start, size)
+    kv = kv_ref[rows, :] + phi_k[:, None] * v[None, :]
+    ks = ks_ref[rows] + phi_k
+    kv_out[rows, :] = kv
+    num += jnp.sum(phi_q[:, None] * kv, axis=0)
+    den += jnp.sum(phi_q * ks)
+
+    @pl.when(pl.program_id(2) == 0)  # every column block computes ks; one writes it
+    def _():
+      ks_out[rows] = ks
+
+  y_ref[...] = (num / (den + eps)).astype(y_ref.dtype)
+
+
+def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
+         valid: jnp.ndarray, *, eps: float, num_warps: int = 4,
+         interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
+  """One decoding step for a batch.
+
+  Args:
+    q, k: [B, H, F]; v: [B, H, D]; state: float32 [B, H, E, D] and [B, H, E].
+    valid: [B] bool; rows that are False leave their state unchanged (padding).
+
+  Returns:
+    y [B, H, D] in v's dtype and the updated state (written in place when donated).
+  """
+  b, h, f = q.shape
+  d, e = v.shape[-1], state.kv.shape[2]
+  block_d = min(d & -d, 64)
+
+  def spec(*shape):  # the whole trailing block of one (batch, head)
+    return pl.BlockSpec((None, None) + shape, lambda i, j, c: (i, j) + (0,) * len(shape))
+
+  def col_spec(*shape):  # one block of value columns
+    return pl.BlockSpec((None, None) + shape,
+                        lambda i, j, c: (i, j) + (0,) * (len(shape) - 1) + (c,))
+
+  y, kv, ks = pl.pallas_call(
+      functools.partial(_kernel, eps=eps),
+      grid=(b, h, d // block_d),
+      in_specs=[pl.BlockSpec((None, 1), lambda i, j, c: (i, 0)), spec(f), spec(f),
+                col_spec(block_d), col_spec(e, block_d), spec(e)],
+      out_specs=[col_spec(block_d), col_spec(e, block_d), spec(e)],
+      out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct(state.kv.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(state.k.shape, jnp.float32)],
+      input_output_aliases={4: 1},
+      compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="taylor_attention_decode",
+  )(valid.astype(jnp.int32).reshape(b, 1), q, k, v, state.kv, state.k)
+  return y, TaylorState(kv, ks)

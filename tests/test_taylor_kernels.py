@@ -1,0 +1,141 @@
+"""The Pallas (and jax-triton) kernels against the float64 truth, forward, state and gradients.
+
+On CPU the kernels run in the Pallas interpreter, which fills every output with NaN before the
+kernel runs, so an element the kernel forgets to write fails the comparison. On GPU the same
+cases run compiled; there the device allocator is first filled with NaN and released, so fresh
+output buffers start poisoned too. Tolerances (relative L2 error): float32 inputs 1e-4 (IEEE
+float32 products, rounding only); bfloat16 inputs 1e-2 (bf16 operands of the tensor-core
+products, float32 accumulation; the float64 reference sees the same bf16-rounded inputs).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.taylor_attention import api, causal_taylor_attention, reference
+from pallas_kernels.taylor_attention.state import TaylorState
+from test_taylor_reference import numpy_taylor_attention, rel
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+CHUNK_IMPLS = ["pallas_interpret", pytest.param("pallas", marks=[pytest.mark.gpu, gpu])]
+DECODE_IMPLS = CHUNK_IMPLS + [pytest.param("triton", marks=[pytest.mark.gpu, gpu])]
+TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
+F = 16
+
+
+def poison_device_memory():
+  """On GPU: fill and free a large block so fresh buffers start as NaN (no-op on CPU)."""
+  if ON_GPU:
+    jnp.full((256 << 20,), jnp.nan, jnp.float32).block_until_ready().delete()
+
+
+def random_case(seed, b, t, h, d, dtype, with_state):
+  r = np.random.default_rng(seed)
+  q, k = (jnp.asarray(r.normal(size=(b, t, h, F)), dtype) for _ in range(2))
+  v = jnp.asarray(r.normal(size=(b, t, h, d)), dtype)
+  state = None
+  if with_state:  # a state as if 50 earlier tokens had been seen
+    _, state = reference.quadratic(*(jnp.asarray(r.normal(size=x.shape[:1] + (50,) + x.shape[2:]),
+                                                 jnp.float32) for x in (q, k, v)))
+  return q, k, v, state
+
+
+def float64_truth(q, k, v, state, lengths, cot):
+  """Outputs, final state and gradients in float64 (jax under x64 on the upcast inputs)."""
+  with jax.enable_x64(True):
+    up = lambda x: jnp.asarray(np.asarray(x, np.float64))
+    q, k, v = up(q), up(k), up(v)
+    s = None if state is None else TaylorState(up(state.kv), up(state.k))
+    mask = jnp.arange(q.shape[1])[None, :] < up(lengths).astype(jnp.int64)[:, None]
+
+    def loss(q, k, v, kv, ks):
+      y, fin = reference.quadratic(q, k, v, state=TaylorState(kv, ks), key_mask=mask)
+      return sum(jnp.sum(a * up(c)) for a, c in zip((y, fin.kv, fin.k), cot)), (y, fin)
+
+    s = s or TaylorState(jnp.zeros((q.shape[0], q.shape[2], 1 + F + F * F, v.shape[-1])),
+                         jnp.zeros((q.shape[0], q.shape[2], 1 + F + F * F)))
+    grads, (y, fin) = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, s.kv, s.k)
+    return jax.tree.map(np.asarray, (y, fin, grads))
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("t, d, with_state, ragged", [
+    (1, 64, True, False), (17, 64, False, False), (64, 112, False, True), (300, 64, True, True)])
+def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged):
+  b, h = 2, 2
+  q, k, v, state = random_case(t * 7 + d, b, t, h, d, dtype, with_state)
+  lengths = jnp.array([t, max(t // 2, 1)] if ragged else [t, t], jnp.int32)
+  r = np.random.default_rng(t)
+  cot = (r.normal(size=v.shape), r.normal(size=(b, h, 1 + F + F * F, d)) * 0.01,
+         r.normal(size=(b, h, 1 + F + F * F)) * 0.01)
+
+  def loss(q, k, v, kv, ks):
+    st = None if not with_state else TaylorState(kv, ks)
+    y, fin = causal_taylor_attention(q, k, v, state=st, lengths=lengths, impl=impl)
+    out = (y, fin.kv, fin.k)
+    return sum(jnp.sum(a.astype(jnp.float32) * c) for a, c in zip(out, cot)), out
+
+  zero = TaylorState(jnp.zeros((b, h, 1 + F + F * F, d)), jnp.zeros((b, h, 1 + F + F * F)))
+  s = state or zero
+  poison_device_memory()
+  grads, (y, kv, ks) = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+      q, k, v, s.kv, s.k)
+  y_ref, fin_ref, grads_ref = float64_truth(q, k, v, state, lengths, cot)
+  tol = TOL[dtype]
+  valid = np.arange(t)[None, :] < np.asarray(lengths)[:, None]  # outputs past a length: unused
+  assert y.dtype == dtype and kv.dtype == jnp.float32
+  assert rel(np.asarray(y)[valid], y_ref[valid]) < tol
+  assert rel(kv, fin_ref.kv) < tol and rel(ks, fin_ref.k) < tol
+  names = ("dq", "dk", "dv", "dkv0", "dk0") if with_state else ("dq", "dk", "dv")
+  for name, g, g_ref in zip(names, grads, grads_ref):
+    assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+    assert rel(g, g_ref) < tol, name
+
+
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("d", [64, 112])
+def test_decode_step_matches_float64(impl, dtype, d):
+  b, h = 3, 2
+  q, k, v, state = random_case(d, b, 1, h, d, dtype, with_state=True)
+  lengths = jnp.array([1, 0, 1], jnp.int32)  # row 1 is padding: its state must not move
+  poison_device_memory()
+  step = jax.jit(lambda *a: causal_taylor_attention(*a[:3], state=a[3], lengths=a[4], impl=impl))
+  y, new = step(q, k, v, state, lengths)
+  y_ref, kv_ref, k_ref = numpy_taylor_attention(
+      *(np.asarray(x, np.float32) for x in (q, k, v)), state.kv, state.k)
+  tol = TOL[dtype]
+  live = np.asarray(lengths) > 0
+  assert rel(np.asarray(y)[live], y_ref[live]) < tol
+  np.testing.assert_array_equal(np.asarray(new.kv)[~live], np.asarray(state.kv)[~live])
+  assert rel(np.asarray(new.kv)[live], kv_ref[live]) < 1e-5
+  assert rel(np.asarray(new.k)[live], k_ref[live]) < 1e-5
+  assert np.array_equal(np.asarray(new.k)[~live], np.asarray(state.k)[~live])
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_prefill_then_decode_continues_the_sequence(impl):
+  q, k, v, _ = random_case(3, 2, 40, 2, 64, jnp.float32, with_state=False)
+  _, state = causal_taylor_attention(q[:, :39], k[:, :39], v[:, :39], impl=impl)
+  y, final = causal_taylor_attention(q[:, 39:], k[:, 39:], v[:, 39:], state=state, impl=impl)
+  y_ref, kv_ref, _ = numpy_taylor_attention(q, k, v)
+  assert rel(y[:, 0], y_ref[:, 39]) < 1e-4 and rel(final.kv, kv_ref) < 1e-4
+
+
+def test_kernel_limits_give_clear_errors_or_fall_back():
+  q = jnp.zeros((1, 8, 1, 8))
+  v = jnp.zeros((1, 8, 1, 16))
+  with pytest.raises(ValueError, match="feature dim F=8"):
+    causal_taylor_attention(q, q, v, impl="pallas_interpret")
+  q16 = jnp.zeros((1, 8, 1, 16))
+  with pytest.raises(ValueError, match="D <= 128"):
+    causal_taylor_attention(q16, q16, jnp.zeros((1, 8, 1, 256)), impl="pallas_interpret")
+  with pytest.raises(ValueError, match="one dtype"):
+    causal_taylor_attention(q16, q16.astype(jnp.bfloat16), v, impl="pallas_interpret")
+  if not ON_GPU:
+    with pytest.raises(ValueError, match="needs a GPU"):
+      causal_taylor_attention(q16, q16, v, impl="pallas")
+  assert api._resolve("auto", q, q, v, None) == "xla"  # unsupported F: the fallback
