@@ -12,7 +12,6 @@ Writes <out>.json (device, versions, shapes) and <out>.png (tokens/s vs batch).
 
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -25,6 +24,7 @@ from based_jax.cache import cache_bytes
 from based_jax.config import get_config
 from based_jax.generate import decode, prefill
 from based_jax.model import init_params
+from experiments.benchmarking import copy_bandwidth, run_metadata
 
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m", "based_1b",
                                        "transformer_pp_1b"], "Model presets.")
@@ -53,19 +53,6 @@ def run_generation(config, params, prompts, new_tokens: int, seed: int = 0):
   out, _ = decode(config, params, logits, cache, jax.random.key(seed), new_tokens)
   tokens = jax.block_until_ready(out.tokens)
   return tokens, mid - start, time.perf_counter() - mid
-
-
-def copy_bandwidth() -> float:
-  """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-  x = jax.random.normal(jax.random.key(0), (256 * 2**20,), jnp.float32)  # 1 GiB
-  copy = jax.jit(lambda x: x * 1.0001)
-  jax.block_until_ready(copy(x))
-  times = []
-  for _ in range(10):
-    start = time.perf_counter()
-    jax.block_until_ready(copy(x))
-    times.append(time.perf_counter() - start)
-  return 2 * x.nbytes / statistics.median(times)
 
 
 def bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int, param_bytes: int) -> int:
@@ -152,8 +139,7 @@ def main(argv):
   del argv
   bandwidth = copy_bandwidth()
   print(f"device {jax.devices()[0].device_kind}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
-  meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-          "python": platform.python_version(), "prompt_len": _PROMPT.value,
+  meta = {**run_metadata(), "prompt_len": _PROMPT.value,
           "new_tokens": _NEW.value, "dtype": _DTYPE.value, "copy_bandwidth_Bps": bandwidth,
           "attention": "XLA einsum attention over a preallocated KV cache",
           "linear_attention": "pallas_kernels dispatch 'auto'"}

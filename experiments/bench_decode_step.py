@@ -1,0 +1,81 @@
+"""One Taylor linear-attention decoding step: Pallas kernel vs jax-triton kernel vs XLA.
+
+  python -m experiments.bench_decode_step --out=experiments/results/decode_step_h100
+
+The step is memory-bound: it must read and write the float32 state (kv [B, H, E, D] and
+k [B, H, E]) once. Each implementation runs jitted with the state donated and fed back, as in
+the decode loop; the table reports the median time, the achieved bandwidth (state bytes read
+plus written, plus q, k, v, y) and its fraction of the measured device copy bandwidth.
+Defaults are the 360M model's shape at batch 256 (H=16, d'=16, D=64).
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from experiments.benchmarking import copy_bandwidth, median_ms, run_metadata
+from pallas_kernels.taylor_attention import causal_taylor_attention
+from pallas_kernels.taylor_attention.state import TaylorState
+
+_B = flags.DEFINE_list("batch_sizes", ["1", "64", "256"], "Batch sizes.")
+_H = flags.DEFINE_integer("heads", 16, "Heads.")
+_F = flags.DEFINE_integer("feature_dim", 16, "Query/key feature dim d'.")
+_DV = flags.DEFINE_list("value_dims", ["64", "112"], "Value head dims D.")
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "triton", "xla"], "What to time.")
+_REPEATS = flags.DEFINE_integer("repeats", 50, "Timed repetitions (median reported).")
+_OUT = flags.DEFINE_string("out", "experiments/results/decode_step", "Output path prefix.")
+
+
+def bench(impl, b, h, f, d, bandwidth):
+  r = np.random.default_rng(b + d)
+  q, k = (jnp.asarray(r.normal(size=(b, 1, h, f)), jnp.bfloat16) for _ in range(2))
+  v = jnp.asarray(r.normal(size=(b, 1, h, d)), jnp.bfloat16)
+  e = 1 + f + f * f
+  state = [TaylorState(jnp.asarray(r.normal(size=(b, h, e, d)), jnp.float32),
+                       jnp.asarray(r.uniform(1, 2, size=(b, h, e)), jnp.float32))]
+  step = jax.jit(lambda q, k, v, s: causal_taylor_attention(q, k, v, state=s, impl=impl),
+                 donate_argnums=3)
+
+  def call():
+    y, state[0] = step(q, k, v, state[0])
+    return y
+
+  timing = median_ms(call, jax.block_until_ready, repeats=_REPEATS.value, inner=10)
+  moved = 2 * 4 * b * h * e * (d + 1) + 2 * (2 * b * h * f + 2 * b * h * d)
+  achieved = moved / (timing["median_ms"] / 1e3)
+  return {**timing, "bytes": moved, "achieved_Bps": achieved,
+          "fraction_of_copy_bw": achieved / bandwidth}
+
+
+def main(argv):
+  del argv
+  bandwidth = copy_bandwidth()
+  meta = {**run_metadata("jax-triton", "triton"), "heads": _H.value,
+          "feature_dim": _F.value, "copy_bandwidth_Bps": bandwidth, "input_dtype": "bfloat16",
+          "state_dtype": "float32"}
+  print(f"device {meta['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+  rows = []
+  for d in (int(x) for x in _DV.value):
+    for b in (int(x) for x in _B.value):
+      for impl in _IMPLS.value:
+        row = {"impl": impl, "batch": b, "D": d}
+        try:
+          row.update(bench(impl, b, _H.value, _F.value, d, bandwidth))
+          msg = (f"{row['median_ms'] * 1e3:8.1f} us  {row['achieved_Bps'] / 1e12:5.2f} TB/s "
+                 f"({100 * row['fraction_of_copy_bw']:.0f}% of copy)")
+        except Exception as e:  # noqa: BLE001 - record, keep benchmarking the rest
+          row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+          msg = row["error"]
+        rows.append(row)
+        print(f"D={d:4d} B={b:5d} {impl:8s} {msg}", flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value + ".json", "w") as fh:
+    json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
