@@ -40,7 +40,8 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas", "fla_parallel", "fla_fused_chunk"
                            "What to time.")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _VARIANTS = flags.DEFINE_list("variants", [],
-                              "Extra tilings of our kernel, each chunk:block_d:num_warps:num_stages.")
+                              "Extra tilings of our kernel, each "
+                              "chunk:block_d:num_warps:num_stages[:expand].")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", "experiments/results/prefill", "Output path prefix.")
@@ -53,9 +54,11 @@ def jax_impls(variants):
              q, k, v, impl="pallas_interpret")[0],
          "xla": lambda q, k, v: causal_taylor_attention(q, k, v, impl="xla")[0]}
   for spec in variants:
-    chunk, block_d, warps, stages = (int(x) for x in spec.split(":"))
-    out[f"pallas[{spec}]"] = functools.partial(_pallas_variant, chunk=chunk, block_d=block_d,
-                                               num_warps=warps, num_stages=stages)
+    fields = spec.split(":")
+    chunk, block_d, warps, stages = (int(x) for x in fields[:4])
+    out[f"pallas[{spec}]"] = functools.partial(
+        _pallas_variant, chunk=chunk, block_d=block_d, num_warps=warps, num_stages=stages,
+        expand=fields[4] if len(fields) > 4 else "reshape")
   return out
 
 

@@ -37,7 +37,6 @@ With g = dy / den and r = -(dy . y) / den per query, dw_tj = g_t . v_j + r_t.
 """
 
 import functools
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,21 +47,44 @@ from pallas_kernels.taylor_attention.state import TaylorState
 
 
 def _dot(a, b, dtype, trans_a=False, trans_b=False):
-  """a @ b with operands cast to `dtype`, accumulated in float32."""
-  return plt.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b)
+  """a @ b with operands cast to `dtype`, accumulated in float32 (IEEE for float32)."""
+  return plt.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
+                 allow_tf32=False if dtype == jnp.float32 else None)
 
 
-def _phi2(x, scale):
-  """[C, F] -> [C, F*F]: scale * vec(x x^T) per row, column i*F + m holding x_i x_m."""
+def _spread(f, dtype):
+  """0/1 matrices [F, F*F]: x @ rep puts x_i at column i*F + m, x @ tile puts x_m there."""
+  rows = jax.lax.broadcasted_iota(jnp.int32, (f, f * f), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (f, f * f), 1)
+  return (cols // f == rows).astype(dtype), (cols % f == rows).astype(dtype)
+
+
+def _phi2(x, scale, expand):
+  """[C, F] -> [C, F*F]: scale * vec(x x^T) per row, column i*F + m holding x_i x_m.
+
+  expand="reshape" forms the outer product as a [C, F, F] tensor; "matmul" as the product of
+  two exact 0/1 spreading matmuls, which keeps everything in 2-D tensor-core layouts.
+  """
   c, f = x.shape
-  return (x[:, :, None] * x[:, None, :]).reshape(c, f * f) * scale
+  if expand == "reshape":
+    xf = x.astype(jnp.float32)
+    return (xf[:, :, None] * xf[:, None, :]).reshape(c, f * f) * scale
+  rep, tile = _spread(f, x.dtype)
+  return _dot(x, rep, x.dtype) * _dot(x, tile, x.dtype) * scale
 
 
-def _phi2_vjp(x, dp, scale):
+def _phi2_vjp(x, dp, scale, expand):
   """Cotangent of x [C, F] given the cotangent dp [C, F*F] of `_phi2(x, scale)`."""
   c, f = x.shape
-  dp = dp.reshape(c, f, f)
-  return scale * (jnp.sum(dp * x[:, None, :], axis=2) + jnp.sum(dp * x[:, :, None], axis=1))
+  if expand == "reshape":
+    xf = x.astype(jnp.float32)
+    dp = dp.reshape(c, f, f)
+    return scale * (jnp.sum(dp * xf[:, None, :], axis=2) + jnp.sum(dp * xf[:, :, None], axis=1))
+  rep, tile = _spread(f, x.dtype)
+  x_rep, x_tile = _dot(x, rep, x.dtype), _dot(x, tile, x.dtype)
+  dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+  return scale * (_dot(dp * x_tile, rep, dtype, trans_b=True)
+                  + _dot(dp * x_rep, tile, dtype, trans_b=True))
 
 
 class _Scales:
@@ -103,9 +125,8 @@ def _store_state(kv_ref, k_ref, a, ks, f):
       k_ref[pl.ds(start, size)] = val
 
 
-def _features(x, sc):
-  xf = x.astype(jnp.float32)
-  return xf * sc.linear, _phi2(xf, sc.quad)
+def _features(x, sc, expand):
+  return x.astype(jnp.float32) * sc.linear, _phi2(x, sc.quad, expand)
 
 
 def _read_state(ql, qp, a, ks, dtype):
@@ -127,7 +148,7 @@ def _add_keys(kl, kp, v, key_valid, a, ks, dtype):
 
 
 def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
-                y_ref, den_ref, kv1_ref, k1_ref, *, chunk, eps):
+                y_ref, den_ref, kv1_ref, k1_ref, *, chunk, eps, expand):
   t, f = q_ref.shape
   sc = _Scales(f)
   length = len_ref[...]
@@ -139,13 +160,13 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
     rows = pl.ds(t0, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     _, w, _, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
-    ql, qp = _features(q, sc)
+    ql, qp = _features(q, sc, expand)
     num, den = _read_state(ql, qp, a, ks, dtype)
     num += _dot(w, v, dtype)
     den += jnp.sum(w, axis=1) + eps
     y_ref[rows, :] = (num / den[:, None]).astype(y_ref.dtype)
     den_ref[rows] = den
-    kl, kp = _features(k, sc)
+    kl, kp = _features(k, sc, expand)
     return _add_keys(kl, kp, v, key_valid, a, ks, dtype)
 
   a, ks = jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
@@ -160,7 +181,7 @@ def _grads_in(dy, y, den):
 
 
 def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0_ref,
-               dq_ref, *, chunk):
+               dq_ref, *, chunk, expand):
   t, f = q_ref.shape
   sc = _Scales(f)
   length = len_ref[...]
@@ -175,19 +196,19 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
     s, _, keep, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
     dq = _dot(ds, k, dtype) * sc.s
-    ql, qp = _features(q, sc)
+    ql, qp = _features(q, sc, expand)
     dql = _dot(g, a[1], dtype, trans_b=True) + r[:, None] * ks[1][None, :]
     dqp = _dot(g, a[2], dtype, trans_b=True) + r[:, None] * ks[2][None, :]
-    dq += dql * sc.linear + _phi2_vjp(q.astype(jnp.float32), dqp, sc.quad)
+    dq += dql * sc.linear + _phi2_vjp(q, dqp, sc.quad, expand)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    kl, kp = _features(k, sc)
+    kl, kp = _features(k, sc, expand)
     return _add_keys(kl, kp, v, key_valid, a, ks, dtype)
 
   jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
 
 
 def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, dk1_ref,
-                dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk):
+                dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk, expand):
   t, f = q_ref.shape
   sc = _Scales(f)
   length = len_ref[...]
@@ -202,17 +223,17 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, 
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
     s, w, keep, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
-    kl, kp = _features(k, sc)
+    kl, kp = _features(k, sc, expand)
     m = key_valid.astype(jnp.float32)[:, None]
     dv = _dot(w, g, dtype, trans_a=True)
     dv += m * (da[0] + _dot(kl, da[1], dtype) + _dot(kp, da[2], dtype))
     dkl = _dot(v, da[1], dtype, trans_b=True) + dks[1][None, :]
     dkp = _dot(v, da[2], dtype, trans_b=True) + dks[2][None, :]
     dk = _dot(ds, q, dtype, trans_a=True) * sc.s
-    dk += m * (dkl * sc.linear + _phi2_vjp(k.astype(jnp.float32), dkp, sc.quad))
+    dk += m * (dkl * sc.linear + _phi2_vjp(k, dkp, sc.quad, expand))
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    ql, qp = _features(q, sc)
+    ql, qp = _features(q, sc, expand)
     da = (da[0] + jnp.sum(g, axis=0, keepdims=True), da[1] + _dot(ql, g, dtype, trans_a=True),
           da[2] + _dot(qp, g, dtype, trans_a=True))
     dks = (dks[0] + jnp.sum(r, keepdims=True), dks[1] + jnp.sum(ql * r[:, None], axis=0),
@@ -253,13 +274,13 @@ def _params(num_warps, num_stages):
 
 
 def _forward(q, k, v, kv0, k0, lengths, *, eps, chunk, block_d, num_warps, num_stages,
-             interpret):
+             interpret, expand):
   b, t, h, f = q.shape
   d, e = v.shape[-1], kv0.shape[2]
   block_d = min(block_d, d)
   kv_spec, k_spec = _state_specs(e, d, block_d)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, chunk=chunk, eps=eps),
+      functools.partial(_fwd_kernel, chunk=chunk, eps=eps, expand=expand),
       grid=(b, h, d // block_d),
       in_specs=[_len_spec(), _seq_spec(t, f), _seq_spec(t, f), _seq_spec(t, d, block_d),
                 kv_spec, k_spec],
@@ -275,7 +296,7 @@ def _forward(q, k, v, kv0, k0, lengths, *, eps, chunk, block_d, num_warps, num_s
 
 
 def _backward(q, k, v, y, dy, den, kv0, k0, dkv1, dk1, lengths, *, chunk, num_warps,
-              num_stages, interpret):
+              num_stages, interpret, expand):
   b, t, h, f = q.shape
   d, e = v.shape[-1], kv0.shape[2]
   kv_spec, k_spec = _state_specs(e, d)
@@ -284,12 +305,12 @@ def _backward(q, k, v, y, dy, den, kv0, k0, dkv1, dk1, lengths, *, chunk, num_wa
   common = dict(grid=(b, h), compiler_params=_params(num_warps, num_stages),
                 interpret=interpret)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, chunk=chunk),
+      functools.partial(_dq_kernel, chunk=chunk, expand=expand),
       in_specs=seq_in + [kv_spec, k_spec], out_specs=_seq_spec(t, f),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="taylor_attention_dq", **common,
   )(lengths, q, k, v, y, dy, den, kv0, k0)
   dk, dv, dkv0, dk0 = pl.pallas_call(
-      functools.partial(_dkv_kernel, chunk=chunk),
+      functools.partial(_dkv_kernel, chunk=chunk, expand=expand),
       in_specs=seq_in + [kv_spec, k_spec],
       out_specs=[_seq_spec(t, f), _seq_spec(t, d), kv_spec, k_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -329,8 +350,9 @@ class _Options:
     self._kw = tuple(sorted(kw.items()))
     kw = dict(kw)
     self.forward = {k: kw[k] for k in ("eps", "chunk", "block_d", "num_warps", "num_stages",
-                                       "interpret")}
-    self.backward = {k: kw[k] for k in ("chunk", "num_warps", "num_stages", "interpret")}
+                                       "interpret", "expand")}
+    self.backward = {k: kw[k] for k in ("chunk", "num_warps", "num_stages", "interpret",
+                                        "expand")}
 
   def __hash__(self):
     return hash(self._kw)
@@ -341,7 +363,7 @@ class _Options:
 
 def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
             lengths: jnp.ndarray, *, eps: float, chunk: int = 64, block_d: int = 64,
-            num_warps: int = 4, num_stages: int = 1,
+            num_warps: int = 4, num_stages: int = 1, expand: str = "reshape",
             interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """Causal Taylor linear attention through the Pallas kernels.
 
@@ -351,6 +373,7 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
     chunk, block_d, num_warps, num_stages: tiling (see the module docstring).
+    expand: how phi2 is formed in registers, "reshape" or "matmul" (see `_phi2`).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -362,7 +385,7 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
   options = _Options(eps=eps, chunk=chunk, block_d=block_d, num_warps=num_warps,
-                     num_stages=num_stages, interpret=interpret)
+                     num_stages=num_stages, interpret=interpret, expand=expand)
   y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(state.kv), state.k,
                          lengths.astype(jnp.int32).reshape(b, 1), options)
   return y[:, :t, :, :d], TaylorState(kv[..., :d], ks)

@@ -8,8 +8,8 @@ several column blocks read it). phi is built in registers from the F-wide q_t, k
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
 2 * 4 * E * (D + 1) bytes (about 140 KB at F = 16, D = 64); the flops (about 6 E D) are
-negligible. `block_d` is the largest power of two dividing D, up to 64, so head dims such as
-112 need neither padding nor masks (112 = 7 x 16).
+negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
+112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
 """
 
 import functools
@@ -22,13 +22,15 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
-def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps):
+def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps, d):
   f = q_ref.shape[0]
   p = f * f
   lin, quad = f ** -0.25, 1.0 / (2.0 ** 0.5 * f ** 0.5)
+  block_d = v_ref.shape[0]
+  col_ok = pl.program_id(2) * block_d + jnp.arange(block_d) < d  # block may overhang D
   valid = valid_ref[0].astype(jnp.float32)
   q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
-  v = v_ref[...].astype(jnp.float32) * valid
+  v = plt.load(v_ref, mask=col_ok, other=0.0).astype(jnp.float32) * valid
   ql, kl = q * lin, k * lin * valid
   qp = (q[:, None] * q[None, :]).reshape(p) * quad
   kp = (k[:, None] * k[None, :]).reshape(p) * (quad * valid)
@@ -38,9 +40,9 @@ def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_ou
   den = jnp.zeros((), jnp.float32)
   for start, size, phi_q, phi_k in sections:
     rows = pl.ds(start, size)
-    kv = kv_ref[rows, :] + phi_k[:, None] * v[None, :]
+    kv = plt.load(kv_ref.at[rows, :], mask=col_ok[None, :], other=0.0) + phi_k[:, None] * v[None, :]
     ks = ks_ref[rows] + phi_k
-    kv_out[rows, :] = kv
+    plt.store(kv_out.at[rows, :], kv, mask=col_ok[None, :])
     num += jnp.sum(phi_q[:, None] * kv, axis=0)
     den += jnp.sum(phi_q * ks)
 
@@ -48,11 +50,11 @@ def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_ou
     def _():
       ks_out[rows] = ks
 
-  y_ref[...] = (num / (den + eps)).astype(y_ref.dtype)
+  plt.store(y_ref, (num / (den + eps)).astype(y_ref.dtype), mask=col_ok)
 
 
 def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
-         valid: jnp.ndarray, *, eps: float, num_warps: int = 4,
+         valid: jnp.ndarray, *, eps: float, num_warps: int = 4, max_block_d: int = 64,
          interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """One decoding step for a batch.
 
@@ -65,7 +67,7 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   """
   b, h, f = q.shape
   d, e = v.shape[-1], state.kv.shape[2]
-  block_d = min(d & -d, 64)
+  block_d = min(pl.next_power_of_2(d), max_block_d)
 
   def spec(*shape):  # the whole trailing block of one (batch, head)
     return pl.BlockSpec((None, None) + shape, lambda i, j, c: (i, j) + (0,) * len(shape))
@@ -75,8 +77,8 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
                         lambda i, j, c: (i, j) + (0,) * (len(shape) - 1) + (c,))
 
   y, kv, ks = pl.pallas_call(
-      functools.partial(_kernel, eps=eps),
-      grid=(b, h, d // block_d),
+      functools.partial(_kernel, eps=eps, d=d),
+      grid=(b, h, pl.cdiv(d, block_d)),
       in_specs=[pl.BlockSpec((None, 1), lambda i, j, c: (i, 0)), spec(f), spec(f),
                 col_spec(block_d), col_spec(e, block_d), spec(e)],
       out_specs=[col_spec(block_d), col_spec(e, block_d), spec(e)],

@@ -32,9 +32,10 @@ if _IMPORT_ERROR is None:
   def _section(kv_ptr, ks_ptr, kv_out, ks_out, rows, cols, d: tl.constexpr, phi_q, phi_k, v,
                write_ks):
     offs = rows[:, None] * d + cols[None, :]
-    kv = tl.load(kv_ptr + offs) + phi_k[:, None] * v[None, :]
+    mask = (cols < d)[None, :]
+    kv = tl.load(kv_ptr + offs, mask=mask, other=0.0) + phi_k[:, None] * v[None, :]
     ks = tl.load(ks_ptr + rows) + phi_k
-    tl.store(kv_out + offs, kv)
+    tl.store(kv_out + offs, kv, mask=mask)
     if write_ks:
       tl.store(ks_out + rows, ks)
     return tl.sum(phi_q[:, None] * kv, axis=0), tl.sum(phi_q * ks, axis=0)
@@ -51,7 +52,7 @@ if _IMPORT_ERROR is None:
     cols = c * block_d + tl.arange(0, block_d)
     q = tl.load(q_ptr + head * f + fs).to(tl.float32)
     k = tl.load(k_ptr + head * f + fs).to(tl.float32)
-    v = tl.load(v_ptr + head * d + cols).to(tl.float32) * valid
+    v = tl.load(v_ptr + head * d + cols, mask=cols < d, other=0.0).to(tl.float32) * valid
     qp = tl.reshape(q[:, None] * q[None, :], (f * f,)) * quad
     kp = tl.reshape(k[:, None] * k[None, :], (f * f,)) * (quad * valid)
     base_kv, base_ks = head * e * d, head * e
@@ -64,7 +65,7 @@ if _IMPORT_ERROR is None:
     n2, d2 = _section(kv_ptr + base_kv, ks_ptr + base_ks, kv_out + base_kv, ks_out + base_ks,
                       1 + f + tl.arange(0, f * f), cols, d, qp, kp, v, write_ks)
     y = (n0 + n1 + n2) / (d0 + d1 + d2 + eps)
-    tl.store(y_ptr + head * d + cols, y.to(y_ptr.dtype.element_ty))
+    tl.store(y_ptr + head * d + cols, y.to(y_ptr.dtype.element_ty), mask=cols < d)
 
 
 def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
@@ -74,14 +75,14 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
     raise RuntimeError(f"the jax-triton decode path is unavailable: {_IMPORT_ERROR}")
   b, h, f = q.shape
   d = v.shape[-1]
-  block_d = min(d & -d, 64)
+  block_d = min(triton.next_power_of_2(d), 64)
   y, kv, ks = jax_triton.triton_call(
       valid.astype(jnp.int32), q, k, v, state.kv, state.k,
       kernel=_kernel,
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct(state.kv.shape, jnp.float32),
                  jax.ShapeDtypeStruct(state.k.shape, jnp.float32)],
-      grid=(b, h, d // block_d), num_warps=num_warps, num_stages=1,
+      grid=(b, h, triton.cdiv(d, block_d)), num_warps=num_warps, num_stages=1,
       input_output_aliases={4: 1},
       h=h, f=f, d=d, block_d=block_d, eps=eps, lin=f ** -0.25, quad=1.0 / (2.0 * f) ** 0.5)
   return y, TaylorState(kv, ks)
