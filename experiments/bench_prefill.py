@@ -21,6 +21,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 
 import functools  # noqa: E402
 import json  # noqa: E402
+import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -39,9 +40,10 @@ _F = flags.DEFINE_integer("feature_dim", 16, "Query/key feature dim d'.")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "fla_parallel", "fla_fused_chunk", "cudnn", "xla"],
                            "What to time.")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-_VARIANTS = flags.DEFINE_list("variants", [],
-                              "Extra tilings of our kernel, each "
-                              "chunk:block_d:num_warps:num_stages[:expand].")
+_VARIANTS = flags.DEFINE_list(
+    "variants", [], "Extra tilings of our kernel, each FWD/BWD/SEGMENT with FWD = "
+    "chunk:block_d:num_warps:num_stages:expand, BWD = chunk:num_warps:num_stages:expand, "
+    "SEGMENT tokens; an empty part keeps the default (e.g. '//1024', '32:32:4:1:matmul').")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", "experiments/results/prefill", "Output path prefix.")
@@ -54,12 +56,27 @@ def jax_impls(variants):
              q, k, v, impl="pallas_interpret")[0],
          "xla": lambda q, k, v: causal_taylor_attention(q, k, v, impl="xla")[0]}
   for spec in variants:
-    fields = spec.split(":")
-    chunk, block_d, warps, stages = (int(x) for x in fields[:4])
-    out[f"pallas[{spec}]"] = functools.partial(
-        _pallas_variant, chunk=chunk, block_d=block_d, num_warps=warps, num_stages=stages,
-        expand=fields[4] if len(fields) > 4 else "reshape")
+    out[f"pallas[{spec}]"] = functools.partial(_pallas_variant, **parse_variant(spec))
   return out
+
+
+def parse_variant(spec: str) -> dict:
+  """'FWD/BWD/SEGMENT' (see --variants) -> keyword arguments of `pallas_chunked.chunked`."""
+  parts = (spec.split("/") + ["", ""])[:3]
+  kw = {}
+  try:
+    if parts[0]:
+      c, bd, w, s, x = parts[0].split(":")
+      kw["forward"] = pallas_chunked.Tiling(int(c), int(bd), int(w), int(s), x)
+    if parts[1]:
+      c, w, s, x = parts[1].split(":")
+      kw["backward"] = pallas_chunked.Tiling(chunk=int(c), num_warps=int(w), num_stages=int(s),
+                                             expand=x)
+    if parts[2]:
+      kw["segment"] = int(parts[2])
+  except ValueError as e:
+    raise app.UsageError(f"bad --variants entry {spec!r}: {e}") from e
+  return kw
 
 
 def _pallas_variant(q, k, v, **tiling):
@@ -183,6 +200,7 @@ def main(argv):
               row["error"] = "unavailable" if name.startswith("fla") else "unknown impl"
           except Exception as e:  # noqa: BLE001 - record, keep benchmarking the rest
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            traceback.print_exc()
           rows.append(row)
           print(f"{mode:8s} D={d:4d} T={t:6d} {name:26s} "
                 + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row["error"])

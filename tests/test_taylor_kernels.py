@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.taylor_attention import api, causal_taylor_attention, reference
+from pallas_kernels.taylor_attention import (api, causal_taylor_attention, pallas_chunked,
+                                             reference)
 from pallas_kernels.taylor_attention.state import TaylorState
 from test_taylor_reference import numpy_taylor_attention, rel
 
@@ -60,11 +61,30 @@ def float64_truth(q, k, v, state, lengths, cot):
     return jax.tree.map(np.asarray, (y, fin, grads))
 
 
+# Explicit tilings with several time segments (the default splits time only for small B H).
+SEGMENTED = {
+    "seg64": dict(forward=pallas_chunked.Tiling(32, 32, 4, 1, "matmul"),
+                  backward=pallas_chunked.Tiling(16, expand="matmul"), segment=64),
+    "seg128": dict(forward=pallas_chunked.Tiling(64, 64, 4, 1, "reshape"),
+                   backward=pallas_chunked.Tiling(32, expand="reshape"), segment=128),
+}
+
+
+def attend(q, k, v, state, lengths, impl, tiling):
+  """causal_taylor_attention, or the kernels directly with an explicit tiling."""
+  if tiling is None:
+    return causal_taylor_attention(q, k, v, state=state, lengths=lengths, impl=impl)
+  return pallas_chunked.chunked(q, k, v, reference.initial_state(state, q, v), lengths,
+                                eps=1e-6, interpret=impl == "pallas_interpret",
+                                **SEGMENTED[tiling])
+
+
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("t, d, with_state, ragged", [
-    (1, 64, True, False), (17, 64, False, False), (64, 112, False, True), (300, 64, True, True)])
-def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged):
+@pytest.mark.parametrize("t, d, with_state, ragged, tiling", [
+    (1, 64, True, False, None), (17, 64, False, False, None), (64, 112, False, True, None),
+    (300, 64, True, True, None), (300, 64, True, True, "seg64"), (300, 112, False, True, "seg128")])
+def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, tiling):
   b, h = 2, 2
   q, k, v, state = random_case(t * 7 + d, b, t, h, d, dtype, with_state)
   lengths = jnp.array([t, max(t // 2, 1)] if ragged else [t, t], jnp.int32)
@@ -74,7 +94,7 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged):
 
   def loss(q, k, v, kv, ks):
     st = None if not with_state else TaylorState(kv, ks)
-    y, fin = causal_taylor_attention(q, k, v, state=st, lengths=lengths, impl=impl)
+    y, fin = attend(q, k, v, st, lengths, impl, tiling)
     out = (y, fin.kv, fin.k)
     return sum(jnp.sum(a.astype(jnp.float32) * c) for a, c in zip(out, cot)), out
 

@@ -1,41 +1,58 @@
 """Chunked causal Taylor linear attention as Pallas kernels (Triton lowering), with a custom VJP.
 
 Letters as in `reference.py`: B batch, T time, H heads, F feature dim (d' = 16), D value head
-dim, E = 1 + F + F^2; C is the chunk length, P = F^2 the quadratic features.
+dim, E = 1 + F + F^2; C is the chunk length, P = F^2 the quadratic features, L the segment
+length, S = T / L the number of segments.
 
-Tiling. One program owns one (batch, head) pair (and, in the forward, one block of Dv value
-columns) and walks its sequence chunk by chunk, C tokens at a time, keeping the running state
-on chip in float32 for the whole sequence:
+The state. Per (batch, head) the running sums over keys, float32 and on chip:
 
-    a0 [Dv] = sum v,   a1 [F, Dv] = sum k~ v^T,   a2 [P, Dv] = sum phi2(k) v^T,
+    a0 [D] = sum v,   a1 [F, D] = sum k~ v^T,   a2 [P, D] = sum phi2(k) v^T,
     k0 [1], k1 [F], k2 [P]: the same sums without v (the normaliser),
 
 where k~ = k / F^(1/4) and phi2(k) = vec(k k^T) / (sqrt 2 sqrt F) are the linear and
-quadratic blocks of the feature map. Per chunk:
+quadratic blocks of the feature map.
+
+Tiling. Time is cut into S segments of L tokens, and one program owns one (batch, head,
+segment) triple (in the forward also one block of `block_d` value columns). It walks its
+segment C tokens at a time, starting from the state at the segment's start:
 
     s = q k^T / sqrt F,  w = causal(1 + s + s^2/2)                          [C, C]
     num = w v + a0 + q~ a1 + phi2(q) a2,  den = rowsum w + k0 + q~.k1 + phi2(q).k2
     then the chunk's keys are added to the state.
 
-Nothing E-wide ever goes to HBM: phi2 is formed in registers from the [C, F] tile (an outer
-product and a reshape). Matrix products take the input dtype (bf16 runs on tensor cores) and
-accumulate in float32; the state, the numerator and the normaliser stay float32 through the
+The segment start states come from a cheap first pass: one program per (batch, head, segment)
+sums phi(k) v^T over its segment (no outputs, no chunk-local quadratic form), and XLA adds the
+sums up across segments (an exclusive prefix sum of S - 1 float32 [E, D] blocks). Segments pay
+only when B H alone cannot fill the GPU (small batch, long prompts): measured on an H100 at
+B = 8, H = 16, T = 8192 the kernels are throughput-bound (register-resident state, small
+products) and S = 1 is fastest (forward 1.29 ms; S = 8: 1.91 ms), so `segment_length` splits
+time only up to about TARGET_PROGRAMS programs.
+
+Nothing E-wide ever goes to HBM except these per-segment states: phi2 is formed in registers
+from the [C, F] tile (`_phi2`). Matrix products take the input dtype (bf16 runs on tensor cores)
+and accumulate in float32; the state, the numerator and the normaliser stay float32 through the
 division. With float32 inputs the products are IEEE float32.
 
 Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y once
-(about 0.34 GB, 0.11 ms at 3 TB/s) plus a float32 normaliser per token; the arithmetic is
-about 4 T P D (state read + update) + 2 T C (F + D) (the chunk-local quadratic form) per
-(batch, head), about 9e10 flops, 0.1 ms at tensor-core rate. The sequential walk over T / C
-chunks per program is the real limit, so the value columns can be split over programs
-(`block_d`) to put more programs in flight.
+(about 0.34 GB, 0.11 ms at 3 TB/s), a float32 normaliser per token and S float32 [E, D] states
+per (batch, head) (S = 4 would be 36 MB); the arithmetic is about 4 T P D (state read + update) +
+2 T C (F + D) (the chunk-local quadratic form) per (batch, head), about 9e10 flops, 0.1 ms at
+tensor-core rate. Measured, the forward takes 1.29 ms there: the kernels are bound by the
+issue rate of many small products on Triton's mma path (K = 16 for the phi2 spreading
+products, which are about 45% of the flops with expand="matmul"; a [P, block_d] float32 state
+held in registers caps block_d and warps), not by HBM. Closing the gap to the roofline needs
+warpgroup (wgmma) products with the state in shared memory: the Mosaic GPU lowering.
 
-Backward: two kernels, each a walk over chunks with a [P, D] float32 accumulator on chip.
-`_dq_kernel` walks forward and rebuilds the state to get dq; `_dkv_kernel` walks backward
-carrying the state's cotangent (sums of phi(q) g^T over later queries, seeded with the
-cotangent of the final state) to get dk and dv, and returns the initial state's cotangent.
-With g = dy / den and r = -(dy . y) / den per query, dw_tj = g_t . v_j + r_t.
+Backward: the same segment scheme, two walking kernels with a [P, D] float32 accumulator.
+`_dq_kernel` walks forward from the segment start states saved by the forward pass;
+`_dkv_kernel` walks backward carrying the state's cotangent (sums of phi(q) g^T over later
+queries), seeded per segment with the final state's cotangent plus the sums of all later
+segments (a first pass, `_query_sums_kernel`, and a reverse prefix sum), and returns the
+initial state's cotangent. With g = dy / den and r = -(dy . y) / den per query,
+dw_tj = g_t . v_j + r_t.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -46,10 +63,48 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How one kernel tiles its work (see the module docstring)."""
+  chunk: int = 64  # C: tokens per step of a program's walk (a power of two >= 16)
+  block_d: int = 64  # value columns per program (forward only; the backward keeps all of D)
+  num_warps: int = 4  # Triton warps per program
+  num_stages: int = 1  # Triton software-pipelining stages
+  expand: str = "reshape"  # how phi2 is formed in registers: "reshape" or "matmul" (`_phi2`)
+
+  def __post_init__(self):
+    for name in ("chunk", "block_d"):
+      x = getattr(self, name)
+      if not isinstance(x, int) or x < 16 or x & (x - 1):
+        raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {x!r}")
+    if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
+      raise ValueError(f"bad Tiling num_warps={self.num_warps} num_stages={self.num_stages}")
+    if self.expand not in ("reshape", "matmul"):
+      raise ValueError(f"Tiling.expand must be 'reshape' or 'matmul', got {self.expand!r}")
+
+
+# Tuned on an H100 at B=8, H=16, D=64, bf16 (experiments/bench_prefill.py --variants).
+FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, expand="matmul")
+BACKWARD_TILING = Tiling(chunk=64, num_warps=8, expand="reshape")
+TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
+MIN_SEGMENT = 512  # auto segments: never shorter than this many tokens
+
+
+def segment_length(b: int, h: int, t: int, step: int, segment: int | None = None) -> int:
+  """Tokens per segment, a multiple of `step`; `segment=None` picks it from the shape."""
+  if segment is None:
+    n = max(1, min(-(-TARGET_PROGRAMS // (b * h)), t // MIN_SEGMENT))
+    segment = -(-t // n)
+  if not isinstance(segment, int) or segment < 1:
+    raise ValueError(f"segment must be a positive int, got {segment!r}")
+  return -(-segment // step) * step
+
+
 def _dot(a, b, dtype, trans_a=False, trans_b=False):
-  """a @ b with operands cast to `dtype`, accumulated in float32 (IEEE for float32)."""
+  """a @ b with operands cast to `dtype`, accumulated in float32 (IEEE for float32, not tf32)."""
+  precision = jax.lax.DotAlgorithmPreset.F32_F32_F32 if dtype == jnp.float32 else None
   return plt.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
-                 allow_tf32=False if dtype == jnp.float32 else None)
+                 precision=precision)
 
 
 def _spread(f, dtype):
@@ -125,6 +180,14 @@ def _store_state(kv_ref, k_ref, a, ks, f):
       k_ref[pl.ds(start, size)] = val
 
 
+def _zero_state(f, d):
+  p = f * f
+  return ((jnp.zeros((1, d), jnp.float32), jnp.zeros((f, d), jnp.float32),
+           jnp.zeros((p, d), jnp.float32)),
+          (jnp.zeros((1,), jnp.float32), jnp.zeros((f,), jnp.float32),
+           jnp.zeros((p,), jnp.float32)))
+
+
 def _features(x, sc, expand):
   return x.astype(jnp.float32) * sc.linear, _phi2(x, sc.quad, expand)
 
@@ -147,19 +210,73 @@ def _add_keys(kl, kp, v, key_valid, a, ks, dtype):
   return a, ks
 
 
+
+
+def _add_queries(ql, qp, g, r, da, dks, dtype):
+  """The state cotangent after adding the chunk's queries ql [C, F], qp [C, P] (g [C, D], r [C])."""
+  da = (da[0] + jnp.sum(g, axis=0, keepdims=True), da[1] + _dot(ql, g, dtype, trans_a=True),
+        da[2] + _dot(qp, g, dtype, trans_a=True))
+  dks = (dks[0] + jnp.sum(r, keepdims=True), dks[1] + jnp.sum(ql * r[:, None], axis=0),
+         dks[2] + jnp.sum(qp * r[:, None], axis=0))
+  return da, dks
+
+
+def _grads_in(dy, y, den):
+  """g = dy / den [C, D] and r = -(dy . y) / den [C] for a chunk of queries."""
+  dy = dy.astype(jnp.float32)
+  inv = 1.0 / den
+  return dy * inv[:, None], -jnp.sum(dy * y.astype(jnp.float32), axis=1) * inv
+
+
+def _key_valid(t0, chunk, length):
+  return (t0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)) < length
+
+
+# --- Kernels. Refs hold one segment: q, k [L, F], v, y, dy [L, D or block_d], den [L]. ---
+# Grid axis 2 is the segment; `start` is the absolute time of the segment's first token.
+
+def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk, expand):
+  """One segment's sums phi(k) v^T and phi(k) over its valid keys."""
+  t, f = k_ref.shape
+  sc, length, dtype = _Scales(f), len_ref[...], k_ref.dtype
+  start = pl.program_id(2) * t
+
+  def body(c, carry):
+    rows = pl.ds(c * chunk, chunk)
+    kl, kp = _features(k_ref[rows, :], sc, expand)
+    return _add_keys(kl, kp, v_ref[rows, :], _key_valid(start + c * chunk, chunk, length),
+                     *carry, dtype)
+
+  a, ks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, v_ref.shape[1]))
+  _store_state(kv_ref, ks_ref, a, ks, f)
+
+
+def _query_sums_kernel(q_ref, y_ref, dy_ref, den_ref, dkv_ref, dks_ref, *, chunk, expand):
+  """One segment's sums phi(q) g^T and phi(q) r (the state cotangent it contributes)."""
+  t, f = q_ref.shape
+  sc, dtype = _Scales(f), q_ref.dtype
+
+  def body(c, carry):
+    rows = pl.ds(c * chunk, chunk)
+    g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
+    ql, qp = _features(q_ref[rows, :], sc, expand)
+    return _add_queries(ql, qp, g, r, *carry, dtype)
+
+  da, dks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, y_ref.shape[1]))
+  _store_state(dkv_ref, dks_ref, da, dks, f)
+
+
 def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
                 y_ref, den_ref, kv1_ref, k1_ref, *, chunk, eps, expand):
   t, f = q_ref.shape
-  sc = _Scales(f)
-  length = len_ref[...]
-  dtype = q_ref.dtype
+  sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
+  start = pl.program_id(2) * t
 
   def body(c, carry):
     a, ks = carry
-    t0 = c * chunk
-    rows = pl.ds(t0, chunk)
+    rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    _, w, _, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
+    _, w, _, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ql, qp = _features(q, sc, expand)
     num, den = _read_state(ql, qp, a, ks, dtype)
     num += _dot(w, v, dtype)
@@ -170,33 +287,26 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
     return _add_keys(kl, kp, v, key_valid, a, ks, dtype)
 
   a, ks = jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
-  _store_state(kv1_ref, k1_ref, a, ks, f)
 
-
-def _grads_in(dy, y, den):
-  """g = dy / den [C, D] and r = -(dy . y) / den [C] for a chunk of queries."""
-  dy = dy.astype(jnp.float32)
-  inv = 1.0 / den
-  return dy * inv[:, None], -jnp.sum(dy * y.astype(jnp.float32), axis=1) * inv
+  @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
+  def _():
+    _store_state(kv1_ref, k1_ref, a, ks, f)
 
 
 def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0_ref,
                dq_ref, *, chunk, expand):
   t, f = q_ref.shape
-  sc = _Scales(f)
-  length = len_ref[...]
-  dtype = q_ref.dtype
+  sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
+  start = pl.program_id(2) * t
 
   def body(c, carry):
     a, ks = carry
-    t0 = c * chunk
-    rows = pl.ds(t0, chunk)
+    rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
-    s, _, keep, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
+    s, _, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
     dq = _dot(ds, k, dtype) * sc.s
-    ql, qp = _features(q, sc, expand)
     dql = _dot(g, a[1], dtype, trans_b=True) + r[:, None] * ks[1][None, :]
     dqp = _dot(g, a[2], dtype, trans_b=True) + r[:, None] * ks[2][None, :]
     dq += dql * sc.linear + _phi2_vjp(q, dqp, sc.quad, expand)
@@ -210,18 +320,16 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
 def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, dk1_ref,
                 dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk, expand):
   t, f = q_ref.shape
-  sc = _Scales(f)
-  length = len_ref[...]
-  dtype = q_ref.dtype
-  n = t // chunk
+  sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
+  start, n = pl.program_id(2) * t, t // chunk
 
   def body(i, carry):
-    da, dks = carry  # cotangents of the state seen by later chunks' queries
-    t0 = (n - 1 - i) * chunk
-    rows = pl.ds(t0, chunk)
+    da, dks = carry  # cotangents of the state seen by later queries
+    c = n - 1 - i
+    rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
-    s, w, keep, key_valid = _chunk_local(q, k, t0, chunk, length, sc)
+    s, w, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
     kl, kp = _features(k, sc, expand)
     m = key_valid.astype(jnp.float32)[:, None]
@@ -234,136 +342,153 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, 
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     ql, qp = _features(q, sc, expand)
-    da = (da[0] + jnp.sum(g, axis=0, keepdims=True), da[1] + _dot(ql, g, dtype, trans_a=True),
-          da[2] + _dot(qp, g, dtype, trans_a=True))
-    dks = (dks[0] + jnp.sum(r, keepdims=True), dks[1] + jnp.sum(ql * r[:, None], axis=0),
-           dks[2] + jnp.sum(qp * r[:, None], axis=0))
-    return da, dks
+    return _add_queries(ql, qp, g, r, da, dks, dtype)
 
   da, dks = jax.lax.fori_loop(0, n, body, _load_state(dkv1_ref, dk1_ref, f))
-  _store_state(dkv0_ref, dk0_ref, da, dks, f)
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    _store_state(dkv0_ref, dk0_ref, da, dks, f)
 
 
-# --- pallas_call wrappers over [B, T, H, .] arrays (T a multiple of the chunk, D a power of 2) ---
+# --- pallas_call wrappers over [B, T, H, .] arrays (T a multiple of L, D a power of 2) ---
+# Grids are (B, H, segments[, column blocks]); `shift` offsets the segment a program reads.
 
-def _seq_spec(t, width, d_block=None):
-  """Block of one (batch, head) sequence: [T, width] (or a `d_block` column slice)."""
+def _seq_spec(seg, width, d_block=None, shift=0):
+  """One segment of one (batch, head) sequence: [L, width] or a `d_block` column slice."""
   if d_block is None:
-    return pl.BlockSpec((None, t, None, width), lambda b, h, *_: (b, 0, h, 0))
-  return pl.BlockSpec((None, t, None, d_block), lambda b, h, j: (b, 0, h, j))
+    return pl.BlockSpec((None, seg, None, width), lambda b, h, s, *_: (b, s + shift, h, 0))
+  return pl.BlockSpec((None, seg, None, d_block), lambda b, h, s, j: (b, s + shift, h, j))
 
 
-def _state_specs(e, width, d_block=None):
-  if d_block is None:
-    kv = pl.BlockSpec((None, None, e, width), lambda b, h, *_: (b, h, 0, 0))
-  else:
-    kv = pl.BlockSpec((None, None, e, d_block), lambda b, h, j: (b, h, 0, j))
-  return kv, pl.BlockSpec((None, None, e), lambda b, h, *_: (b, h, 0))
+def _den_spec(seg, shift=0):
+  return pl.BlockSpec((None, None, seg), lambda b, h, s, *_: (b, h, s + shift))
 
 
 def _len_spec():
   return pl.BlockSpec((None, 1), lambda b, *_: (b, 0))
 
 
-def _den_spec(t):
-  return pl.BlockSpec((None, None, t), lambda b, h, *_: (b, h, 0))
+def _segment_state_specs(e, d_block):
+  """Per-segment states [B, H, S, E, D] and [B, H, S, E]."""
+  return (pl.BlockSpec((None, None, None, e, d_block), lambda b, h, s, j=0: (b, h, s, 0, j)),
+          pl.BlockSpec((None, None, None, e), lambda b, h, s, *_: (b, h, s, 0)))
 
 
-def _params(num_warps, num_stages):
-  return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+def _state_specs(e, d_block):
+  """One state per sequence, [B, H, E, D] and [B, H, E] (written by one segment)."""
+  return (pl.BlockSpec((None, None, e, d_block), lambda b, h, s, j=0: (b, h, 0, j)),
+          pl.BlockSpec((None, None, e), lambda b, h, *_: (b, h, 0)))
 
 
-def _forward(q, k, v, kv0, k0, lengths, *, eps, chunk, block_d, num_warps, num_stages,
-             interpret, expand):
-  b, t, h, f = q.shape
-  d, e = v.shape[-1], kv0.shape[2]
-  block_d = min(block_d, d)
-  kv_spec, k_spec = _state_specs(e, d, block_d)
+def _state_shapes(*lead, e, d):
+  return [jax.ShapeDtypeStruct((*lead, e, d), jnp.float32),
+          jax.ShapeDtypeStruct((*lead, e), jnp.float32)]
+
+
+def _call(kernel, tiling, interpret, **kw):
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, chunk=chunk, eps=eps, expand=expand),
-      grid=(b, h, d // block_d),
-      in_specs=[_len_spec(), _seq_spec(t, f), _seq_spec(t, f), _seq_spec(t, d, block_d),
-                kv_spec, k_spec],
-      out_specs=[_seq_spec(t, d, block_d), _den_spec(t), kv_spec, k_spec],
-      out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((b, h, t), jnp.float32),
-                 jax.ShapeDtypeStruct(kv0.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(k0.shape, jnp.float32)],
-      compiler_params=_params(num_warps, num_stages),
-      interpret=interpret,
-      name="taylor_attention_fwd",
-  )(lengths, q, k, v, kv0, k0)
+      functools.partial(kernel, chunk=tiling.chunk, expand=tiling.expand, **kw.pop("static", {})),
+      compiler_params=plt.CompilerParams(num_warps=tiling.num_warps,
+                                         num_stages=tiling.num_stages),
+      interpret=interpret, **kw)
 
 
-def _backward(q, k, v, y, dy, den, kv0, k0, dkv1, dk1, lengths, *, chunk, num_warps,
-              num_stages, interpret, expand):
+def _forward(q, k, v, kv0, k0, lengths, *, eps, seg, tiling, interpret):
+  """y, den [B, H, T] and the final state, plus the segment start states for the backward."""
   b, t, h, f = q.shape
-  d, e = v.shape[-1], kv0.shape[2]
-  kv_spec, k_spec = _state_specs(e, d)
-  seq_in = [_len_spec(), _seq_spec(t, f), _seq_spec(t, f), _seq_spec(t, d), _seq_spec(t, d),
-            _seq_spec(t, d), _den_spec(t)]
-  common = dict(grid=(b, h), compiler_params=_params(num_warps, num_stages),
-                interpret=interpret)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, chunk=chunk, expand=expand),
-      in_specs=seq_in + [kv_spec, k_spec], out_specs=_seq_spec(t, f),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="taylor_attention_dq", **common,
-  )(lengths, q, k, v, y, dy, den, kv0, k0)
-  dk, dv, dkv0, dk0 = pl.pallas_call(
-      functools.partial(_dkv_kernel, chunk=chunk, expand=expand),
-      in_specs=seq_in + [kv_spec, k_spec],
-      out_specs=[_seq_spec(t, f), _seq_spec(t, d), kv_spec, k_spec],
+  d, e, n = v.shape[-1], kv0.shape[2], t // seg
+  bd = min(tiling.block_d, d)
+  kv_starts, k_starts = kv0[:, :, None], k0[:, :, None]
+  if n > 1:
+    kv_sums, k_sums = _call(
+        _key_sums_kernel, tiling, interpret, grid=(b, h, n - 1, d // bd),
+        in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, d, bd)],
+        out_specs=list(_segment_state_specs(e, bd)), out_shape=_state_shapes(b, h, n - 1, e=e, d=d),
+        name="taylor_attention_key_sums")(lengths, k, v)
+    kv_starts = jnp.concatenate([kv_starts, kv_starts + jnp.cumsum(kv_sums, axis=2)], axis=2)
+    k_starts = jnp.concatenate([k_starts, k_starts + jnp.cumsum(k_sums, axis=2)], axis=2)
+  y, den, kv1, k1 = _call(
+      _fwd_kernel, tiling, interpret, static=dict(eps=eps), grid=(b, h, n, d // bd),
+      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d, bd),
+                *_segment_state_specs(e, bd)],
+      out_specs=[_seq_spec(seg, d, bd), _den_spec(seg), *_state_specs(e, bd)],
+      out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
+                 jax.ShapeDtypeStruct((b, h, t), jnp.float32), *_state_shapes(b, h, e=e, d=d)],
+      name="taylor_attention_fwd")(lengths, q, k, v, kv_starts, k_starts)
+  return y, den, kv1, k1, kv_starts, k_starts
+
+
+def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, seg, tiling,
+              interpret):
+  b, t, h, f = q.shape
+  d, e, n = v.shape[-1], dkv1.shape[2], t // seg
+  dkv_ends, dk_ends = dkv1[:, :, None], dk1[:, :, None]
+  if n > 1:  # the cotangent each segment's end state gets from the queries of later segments
+    dkv_sums, dk_sums = _call(
+        _query_sums_kernel, tiling, interpret, grid=(b, h, n - 1),
+        in_specs=[_seq_spec(seg, f, shift=1), _seq_spec(seg, d, shift=1),
+                  _seq_spec(seg, d, shift=1), _den_spec(seg, shift=1)],
+        out_specs=list(_segment_state_specs(e, d)), out_shape=_state_shapes(b, h, n - 1, e=e, d=d),
+        name="taylor_attention_query_sums")(q, y, dy, den)
+    dkv_ends = jnp.concatenate(
+        [dkv_ends + jax.lax.cumsum(dkv_sums, axis=2, reverse=True), dkv_ends], axis=2)
+    dk_ends = jnp.concatenate(
+        [dk_ends + jax.lax.cumsum(dk_sums, axis=2, reverse=True), dk_ends], axis=2)
+  seq_in = [_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d),
+            _seq_spec(seg, d), _seq_spec(seg, d), _den_spec(seg), *_segment_state_specs(e, d)]
+  common = dict(grid=(b, h, n), in_specs=seq_in)
+  dq = _call(_dq_kernel, tiling, interpret, out_specs=_seq_spec(seg, f),
+             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="taylor_attention_dq",
+             **common)(lengths, q, k, v, y, dy, den, kv_starts, k_starts)
+  dk, dv, dkv0, dk0 = _call(
+      _dkv_kernel, tiling, interpret,
+      out_specs=[_seq_spec(seg, f), _seq_spec(seg, d), *_state_specs(e, d)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(kv0.shape, jnp.float32),
-                 jax.ShapeDtypeStruct(k0.shape, jnp.float32)],
-      name="taylor_attention_dkv", **common,
-  )(lengths, q, k, v, y, dy, den, dkv1, dk1)
+                 *_state_shapes(b, h, e=e, d=d)],
+      name="taylor_attention_dkv", **common)(lengths, q, k, v, y, dy, den, dkv_ends, dk_ends)
   return dq, dk, dv, dkv0, dk0
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+  """Static settings of one call (hashable: the custom VJP's nondiff argument)."""
+  eps: float
+  seg: int
+  forward: Tiling
+  backward: Tiling
+  interpret: bool
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _attention(q, k, v, kv0, k0, lengths, options):
-  y, _, kv1, k1 = _forward(q, k, v, kv0, k0, lengths, **options.forward)
+def _attention(q, k, v, kv0, k0, lengths, opt):
+  y, _, kv1, k1, _, _ = _forward(q, k, v, kv0, k0, lengths, eps=opt.eps, seg=opt.seg,
+                                 tiling=opt.forward, interpret=opt.interpret)
   return y, kv1, k1
 
 
-def _attention_fwd(q, k, v, kv0, k0, lengths, options):
-  y, den, kv1, k1 = _forward(q, k, v, kv0, k0, lengths, **options.forward)
-  return (y, kv1, k1), (q, k, v, kv0, k0, lengths, y, den)
+def _attention_fwd(q, k, v, kv0, k0, lengths, opt):
+  y, den, kv1, k1, kv_starts, k_starts = _forward(
+      q, k, v, kv0, k0, lengths, eps=opt.eps, seg=opt.seg, tiling=opt.forward,
+      interpret=opt.interpret)
+  return (y, kv1, k1), (q, k, v, kv_starts, k_starts, lengths, y, den)
 
 
-def _attention_bwd(options, res, cotangents):
-  q, k, v, kv0, k0, lengths, y, den = res
+def _attention_bwd(opt, res, cotangents):
+  q, k, v, kv_starts, k_starts, lengths, y, den = res
   dy, dkv1, dk1 = cotangents
-  dq, dk, dv, dkv0, dk0 = _backward(q, k, v, y, dy.astype(v.dtype), den, kv0, k0, dkv1, dk1,
-                                    lengths, **options.backward)
+  dq, dk, dv, dkv0, dk0 = _backward(q, k, v, y, dy.astype(v.dtype), den, kv_starts, k_starts,
+                                    dkv1, dk1, lengths, seg=opt.seg, tiling=opt.backward,
+                                    interpret=opt.interpret)
   return dq, dk, dv, dkv0, dk0, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-class _Options:
-  """Static kernel settings (hashable, so they can be a nondiff argument)."""
-
-  def __init__(self, **kw):
-    self._kw = tuple(sorted(kw.items()))
-    kw = dict(kw)
-    self.forward = {k: kw[k] for k in ("eps", "chunk", "block_d", "num_warps", "num_stages",
-                                       "interpret", "expand")}
-    self.backward = {k: kw[k] for k in ("chunk", "num_warps", "num_stages", "interpret",
-                                        "expand")}
-
-  def __hash__(self):
-    return hash(self._kw)
-
-  def __eq__(self, other):
-    return isinstance(other, _Options) and self._kw == other._kw
-
-
 def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
-            lengths: jnp.ndarray, *, eps: float, chunk: int = 64, block_d: int = 64,
-            num_warps: int = 4, num_stages: int = 1, expand: str = "reshape",
+            lengths: jnp.ndarray, *, eps: float, forward: Tiling = FORWARD_TILING,
+            backward: Tiling = BACKWARD_TILING, segment: int | None = None,
             interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """Causal Taylor linear attention through the Pallas kernels.
 
@@ -372,8 +497,9 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
     state: the initial state (float32 [B, H, E, D] and [B, H, E]).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
-    chunk, block_d, num_warps, num_stages: tiling (see the module docstring).
-    expand: how phi2 is formed in registers, "reshape" or "matmul" (see `_phi2`).
+    forward, backward: the tilings of the forward and the backward kernels.
+    segment: tokens per program along time (rounded up to the larger chunk); None picks it
+      from the shape (`segment_length`).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
 
   Returns:
@@ -381,11 +507,11 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   """
   b, t, h, f = q.shape
   d = v.shape[-1]
-  t_pad, d_pad = -(-t // chunk) * chunk, pl.next_power_of_2(d)
+  seg = segment_length(b, h, t, max(forward.chunk, backward.chunk), segment)
+  t_pad, d_pad = -(-t // seg) * seg, pl.next_power_of_2(d)
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
-  options = _Options(eps=eps, chunk=chunk, block_d=block_d, num_warps=num_warps,
-                     num_stages=num_stages, interpret=interpret, expand=expand)
+  options = _Options(eps=eps, seg=seg, forward=forward, backward=backward, interpret=interpret)
   y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(state.kv), state.k,
                          lengths.astype(jnp.int32).reshape(b, 1), options)
   return y[:, :t, :, :d], TaylorState(kv[..., :d], ks)

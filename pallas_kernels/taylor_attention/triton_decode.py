@@ -8,11 +8,14 @@ this path when it does. The benchmark `experiments/bench_decode_step.py` compare
 the Pallas kernel and XLA.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.taylor_attention.state import TaylorState
 
+_cache_dir = os.environ.get("TRITON_CACHE_DIR")
 try:
   import jax_triton
   import triton
@@ -20,6 +23,11 @@ try:
   _IMPORT_ERROR = None
 except Exception as e:  # ImportError, or jax-triton refusing a CPU-only jaxlib
   _IMPORT_ERROR = e
+finally:  # jax-triton blanks TRITON_CACHE_DIR at import, breaking Triton users (fla) beside us
+  if _cache_dir is None:
+    os.environ.pop("TRITON_CACHE_DIR", None)
+  else:
+    os.environ["TRITON_CACHE_DIR"] = _cache_dir
 
 
 def available() -> bool:
