@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from based_jax import config as config_lib
 from based_jax.config import ModelConfig
-from based_jax.mixers.attention import init_attention_cache
+from based_jax.mixers.attention import EmptyAttentionCache, init_attention_cache, plain_cache
 from based_jax.mixers.base_conv import init_conv_cache
 from based_jax.mixers.linear_attention import init_linear_attention_cache
 
@@ -23,6 +23,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
   Only full-attention layers grow with `max_len`; sliding windows keep window + 1 slots,
   linear attention a fixed float32 state and BaseConv its last taps - 1 inputs.
   `dtype` overrides the config's compute dtype for attention and conv caches.
+  Attention layers start as `EmptyAttentionCache` (the first call attends within itself, with
+  flash attention where available); loop carries need `as_carry(cache)`.
   """
   if batch < 1 or max_len < 1:
     raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
@@ -47,3 +49,11 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
   """Bytes the decoding cache actually occupies (computed from shapes, nothing allocated)."""
   shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def as_carry(cache: ModelCache) -> ModelCache:
+  """The same cache with the same pytree type a model call returns (no 'empty' markers), so it
+  can be a `lax.scan` / `lax.while_loop` carry. Nothing is copied."""
+  layers = tuple(plain_cache(c) if isinstance(c, EmptyAttentionCache) else c
+                 for c in cache.layers)
+  return ModelCache(layers, cache.length)

@@ -14,6 +14,7 @@ ATTENTION = "attention"
 BASE_CONV = "base_conv"
 
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,12 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of mixers and MLPs ("float32" or "bfloat16").
   param_dtype: str = "float32"  # storage dtype of the parameters.
   linear_attention_impl: str = "auto"  # implementation name for pallas_kernels' dispatch.
+  # Softmax attention within a call (training, prefill): "auto" (cuDNN flash attention on a
+  # CUDA GPU in bfloat16, else XLA), "xla" or "cudnn". See mixers/attention.py.
+  attention_impl: str = "auto"
+  # One decoded token against the cache: "auto" (= "xla": an einsum over the cache), "xla" or
+  # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8).
+  attention_decode_impl: str = "auto"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "la_heads", "attn_heads", "conv_kernel"):
@@ -54,6 +61,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    for name in ("attention_impl", "attention_decode_impl"):
+      if getattr(self, name) not in ATTENTION_IMPLS:
+        raise ValueError(f"{name} must be one of {ATTENTION_IMPLS}, got {getattr(self, name)!r}")
     seen: dict[int, str] = {}
     for field in ("linear_attention_layers", "sliding_window_layers", "attention_layers"):
       indices = getattr(self, field)

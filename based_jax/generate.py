@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from based_jax import config as config_lib
-from based_jax.cache import ModelCache, init_cache
+from based_jax.cache import ModelCache, as_carry, init_cache
 from based_jax.config import ModelConfig
 from based_jax.model import LanguageModel
 from based_jax.sampling import SamplingConfig, sample_tokens
@@ -47,9 +47,11 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
             max_len: int, chunk_size: int = 256) -> tuple[jnp.ndarray, ModelCache]:
   """Runs right-padded prompts [B, P] into a fresh cache; returns last-token logits [B, V].
 
-  The prompt goes through the model `chunk_size` tokens at a time (a `lax.scan` carrying the
-  cache), so activation memory is bounded by the chunk, not by P: the same cached call that
-  decoding uses, with per-row lengths so padding enters no state.
+  The prompt goes through the model `chunk_size` tokens at a time, so activation memory is
+  bounded by the chunk, not by P: the same cached call that decoding uses, with per-row lengths
+  so padding enters no state. The first chunk meets an empty cache, so its attention layers run
+  causal (flash) attention within the chunk; later chunks (a `lax.scan` carrying the cache,
+  updated in place) attend over the cache. `chunk_size >= P` is a single call.
   """
   b, p = prompts.shape
   c = min(chunk_size, p)
@@ -68,7 +70,10 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
     return (cache, jnp.where(here[:, None], logits[:, 0], last_logits)), None
 
   init = (init_cache(config, b, max_len), jnp.zeros((b, config.vocab_size), jnp.float32))
-  (cache, logits), _ = jax.lax.scan(step, init, (chunks, jnp.arange(n) * c))
+  carry, _ = step(init, (chunks[0], jnp.int32(0)))
+  if n > 1:
+    carry, _ = jax.lax.scan(step, carry, (chunks[1:], jnp.arange(1, n) * c))
+  cache, logits = carry
   return logits, cache
 
 
@@ -82,6 +87,7 @@ def decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, 
   model = LanguageModel(config)
   b = logits.shape[0]
   fill = 0 if eos_id is None else eos_id
+  cache = as_carry(cache)
 
   def cond(carry):
     step, *_, done = carry

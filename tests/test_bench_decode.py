@@ -1,4 +1,5 @@
-"""The decode benchmark times the real generation path: its tokens equal reference greedy."""
+"""The decode benchmark times the real generation path (its tokens equal reference greedy) and
+its sweep stops cleanly at the first out-of-memory batch, recording it."""
 
 import jax
 import jax.numpy as jnp
@@ -8,13 +9,17 @@ import pytest
 from based_jax.model import LanguageModel, init_params
 from experiments import bench_decode
 
+OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 21.40GiB with allocator GPU_0_bfc"
 
-@pytest.mark.parametrize("preset", ["based_tiny", "transformer_pp_tiny"])
-def test_benchmark_generation_equals_reference_greedy(preset):
+
+@pytest.mark.parametrize("preset, chunk", [("based_tiny", None), ("transformer_pp_tiny", None),
+                                           ("transformer_pp_tiny", 4)])
+def test_benchmark_generation_equals_reference_greedy(preset, chunk):
   config = bench_decode.model_config(preset, "float32").replace(init_std=0.3)
   params = init_params(config, seed=4)
   prompts = jax.random.randint(jax.random.key(0), (3, 9), 0, config.vocab_size, jnp.int32)
-  tokens, prefill_s, decode_s = bench_decode.run_generation(config, params, prompts, 7)
+  tokens, prefill_s, decode_s = bench_decode.run_generation(config, params, prompts, 7,
+                                                            prefill_chunk=chunk)
   assert prefill_s > 0 and decode_s > 0
   model = LanguageModel(config)
   seqs = np.asarray(prompts).tolist()
@@ -37,3 +42,141 @@ def test_floor_counts_weights_and_state():
   one = bench_decode.bytes_per_step(config, 1, 16, 16, param_bytes=1000)
   two = bench_decode.bytes_per_step(config, 2, 16, 16, param_bytes=1000)
   assert two - one == one - 1000 > 0  # state bytes scale with the batch, weights do not
+
+
+def test_floor_reads_the_valid_kv_cache_once():
+  config = bench_decode.model_config("transformer_pp_tiny", "bfloat16")  # 2 layers, d 64
+  floor = bench_decode.bytes_breakdown(config, 4, 100, 20, param_bytes=0)
+  slot = 2 * 64 * 2 * 4  # K and V of one position, 4 rows
+  assert floor["state_read"] == 2 * (100 + 21 / 2) * slot  # mean over steps of P + i + 1
+  assert floor["state_written"] == 2 * slot
+  assert floor["kv_dense_read"] == 2 * 120 * slot
+
+
+def fake_points(fail):
+  """A run_point that records its calls and raises OutOfMemory where fail(batch, chunk) says."""
+  calls = []
+
+  def run_point(batch, chunk):
+    calls.append((batch, chunk))
+    phase = fail(batch, chunk)
+    if phase:
+      raise bench_decode.OutOfMemory(phase, OOM)
+    return {"batch": batch, "prefill_chunk": chunk, "prefill_ms": 1.0,
+            "decode_ms_per_step": 1.0, "tokens_per_s": 1000.0 * batch,
+            "floor_ms_per_step": 0.5, "ratio_to_floor": 2.0, "peak_memory_gb": 1.0,
+            "attention_traced": ["decode:xla"]}
+  return run_point, calls
+
+
+def test_sweep_stops_at_the_first_out_of_memory_batch_and_records_it():
+  run_point, calls = fake_points(lambda b, c: "decode" if b >= 8 else None)
+  result = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024, log=lambda s: None)
+  assert [r["batch"] for r in result["rows"]] == [1, 2, 4]
+  assert result["oom"]["batch"] == 8 and result["oom"]["phase"] == "decode"
+  assert "21.40GiB" in result["oom"]["error"]
+  assert calls == [(1, 256), (2, 256), (4, 256), (8, 256)]  # nothing after the OOM batch
+  assert result["best"]["batch"] == 4 and result["error"] is None
+
+
+def test_prefill_out_of_memory_retries_smaller_chunks_before_stopping():
+  # The prefill fits while batch * chunk <= 4096 tokens; decoding always fits.
+  run_point, calls = fake_points(lambda b, c: "prefill" if b * min(c, 1024) > 4096 else None)
+  result = bench_decode.sweep("m", [1, 4, 16, 64, 128], run_point, 1024, 1024,
+                              log=lambda s: None)
+  assert [(r["batch"], r["prefill_chunk"]) for r in result["rows"]] == [
+      (1, 1024), (4, 1024), (16, 256), (64, 64)]
+  assert [(r["batch"], r["prefill_chunk"]) for r in result["prefill_retries"]] == [
+      (16, 1024), (64, 256)]
+  assert result["oom"] == {"batch": 128, "prefill_chunk": 64, "phase": "prefill", "error": OOM}
+  assert calls[-1] == (128, 64)
+
+
+def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
+  real_run = bench_decode.Generation.run
+
+  def run(self, params, prompts, seed=0):
+    if self.batch >= 2:  # the device "runs out" during decoding from batch 2 on
+      self._decode = lambda *a: (_ for _ in ()).throw(RuntimeError(OOM))
+    return real_run(self, params, prompts, seed)
+
+  monkeypatch.setattr(bench_decode.Generation, "run", run)
+  point = dict(spec="transformer_pp_tiny", prompt_len=8, new_tokens=3, dtype="float32",
+               repeats=1, bandwidth=1e9)
+  result = bench_decode.sweep(
+      "transformer_pp_tiny", [1, 2, 4],
+      lambda b, c: bench_decode.measure_point(**point, batch=b, prefill_chunk=c), 8, 8,
+      log=lambda s: None)
+  assert [r["batch"] for r in result["rows"]] == [1]
+  assert result["oom"]["batch"] == 2 and result["oom"]["phase"] == "decode"
+  row = result["rows"][0]
+  assert row["attention_traced"] == ["decode:xla", "prefill:xla"]
+  assert row["floor_bytes_per_step"] > row["param_bytes"] > 0
+
+
+def test_isolated_child_that_dies_of_oom_is_an_oom(monkeypatch):
+  # A child process that aborts (no response written) with an allocator message on stderr.
+  monkeypatch.setattr(bench_decode, "_spawn",
+                      lambda *a, **k: (None, f"F0000 fatal\n{OOM}\nAborted", -6))
+  with pytest.raises(bench_decode.OutOfMemory, match="21.40GiB"):
+    bench_decode.run_child({"task": "point", "point": {}}, 0.9, 60)
+
+
+def test_model_process_that_dies_keeps_its_rows_and_records_the_running_batch(monkeypatch):
+  partial = {"model": "m", "rows": [{"batch": 1, "tokens_per_s": 5.0}], "oom": None,
+             "error": None, "prefill_retries": [], "prefill_chunk": 1024}
+  response = {"result": partial, "running": {"batch": 2, "chunk": 1024}}
+  seen = []
+
+  def fake_spawn(request, mem_fraction, timeout_s, on_progress=None):
+    assert request["task"] == "sweep" and mem_fraction == 0.9
+    on_progress(response)
+    return response, f"...\n{OOM}\n", -6
+
+  monkeypatch.setattr(bench_decode, "_spawn", fake_spawn)
+  result = bench_decode.sweep_in_child("m", {"first_chunk": 1024}, 0.9, 60, seen.append)
+  assert seen and seen[0]["rows"] == partial["rows"]
+  assert result["complete"] and [r["batch"] for r in result["rows"]] == [1]
+  assert result["oom"]["batch"] == 2 and "21.40GiB" in result["oom"]["error"]
+  assert result["best"]["batch"] == 1
+
+
+def test_batch_sizes_double_until_the_limit():
+  assert bench_decode.batch_sizes([], 40) == [1, 2, 4, 8, 16, 32]
+  assert bench_decode.batch_sizes(["3", "5"], 40) == [3, 5]
+
+
+def test_model_specs_carry_config_overrides():
+  config = bench_decode.model_config("transformer_pp_tiny+attention_decode_impl=cudnn+window=7",
+                                     "bfloat16")
+  assert config.attention_decode_impl == "cudnn" and config.window == 7
+  assert config.dtype == config.param_dtype == "bfloat16"
+  assert bench_decode.auto_prefill_chunk(config, 1024) == 1024  # full attention: one call
+  assert bench_decode.auto_prefill_chunk(bench_decode.model_config("based_tiny", "float32"),
+                                         1024) == 256
+
+
+def test_sweep_stopped_by_the_deadline_continues_where_it_stopped():
+  run_point, calls = fake_points(lambda b, c: "decode" if b >= 16 else None)
+  saved = []
+  first = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024,
+                             log=lambda s: None, save=saved.append,
+                             stop=lambda: len(calls) >= 2)
+  assert not first["complete"] and [r["batch"] for r in first["rows"]] == [1, 2]
+  assert saved and saved[-1]["rows"] == first["rows"]  # saved after every point
+  again = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024,
+                             log=lambda s: None, previous=first)
+  assert again["complete"] and [r["batch"] for r in again["rows"]] == [1, 2, 4, 8]
+  assert again["oom"]["batch"] == 16
+  assert calls == [(1, 256), (2, 256), (4, 256), (8, 256), (16, 256)]  # nothing ran twice
+
+
+def test_a_sparser_earlier_sweep_is_filled_in_below_its_oom_batch():
+  run_point, calls = fake_points(lambda b, c: "decode" if b >= 16 else None)
+  quick = bench_decode.sweep("m", [1, 4, 16], run_point, 256, 1024, log=lambda s: None)
+  assert quick["oom"]["batch"] == 16
+  full = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024,
+                            log=lambda s: None, previous=quick)
+  assert [r["batch"] for r in full["rows"]] == [1, 2, 4, 8] and full["oom"]["batch"] == 16
+  assert calls == [(1, 256), (4, 256), (16, 256), (2, 256), (8, 256)]
+  assert bench_decode.pending_batches(full, [1, 2, 4, 8, 16, 32]) == []

@@ -91,7 +91,7 @@ def test_sliding_window_decodes_far_beyond_the_window():
   whole, _ = mixer.apply(params, x, positions, None, None)
   per_token, cache = run_in_pieces(config_lib.SLIDING_WINDOW, mixer, params, x, piece=1)
   assert rel(per_token, whole) < 1e-5
-  assert cache.k.shape[1] == CONFIG.window + 1
+  assert cache.k.shape[2] == CONFIG.window + 1
   np.testing.assert_array_equal(np.sort(np.asarray(cache.pos[0])),
                                 np.arange(t - CONFIG.window - 1, t))
 
@@ -105,3 +105,67 @@ def test_sliding_window_sees_exactly_window_previous_tokens():
   changed, _ = mixer.apply(params, x.at[0, 5].add(1.0), positions, None, None)
   moved = np.abs(np.asarray(changed - base))[0].max(-1) > 1e-6
   np.testing.assert_array_equal(np.nonzero(moved)[0], np.arange(5, 5 + w + 1))
+
+
+@pytest.mark.parametrize("kind", [config_lib.SLIDING_WINDOW, config_lib.ATTENTION])
+def test_attention_paths_agree_with_padded_cache_and_query_blocks(kind, monkeypatch):
+  # Head dim padded in the cache (as for cuDNN decoding) and the general cached path split in
+  # query blocks (a tiny score budget) change nothing.
+  from based_jax.mixers import attention
+  monkeypatch.setattr(attention, "cache_head_dim", lambda config: 24)  # head dim 16 -> 24
+  monkeypatch.setattr(attention, "_SCORE_BUDGET", 504)  # blocks of 3 queries: 7 = 3 + 3 + 1
+  t = 21
+  mixer, params, x = setup(kind, t)
+  positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
+  whole, _ = mixer.apply(params, x, positions, None, None)
+  attention.reset_implementations_used()
+  chunked, cache = run_in_pieces(kind, mixer, params, x, piece=7)
+  assert cache.k.shape[-1] == 24 and not np.any(np.asarray(cache.k[..., 16:]))
+  per_token, _ = run_in_pieces(kind, mixer, params, x, piece=1)
+  assert rel(chunked, whole) < 1e-5
+  assert rel(per_token, whole) < 1e-5
+  assert attention.implementations_used() == ["chunked:xla", "decode:xla", "prefill:xla"]
+
+
+def test_first_call_on_a_new_cache_attends_within_itself_and_returns_a_plain_cache():
+  from based_jax.mixers import attention
+  mixer, params, x = setup(config_lib.ATTENTION, 6)
+  cache = init_layer_cache(CONFIG, config_lib.ATTENTION, 2, max_len=10)
+  assert isinstance(cache, attention.EmptyAttentionCache)
+  _, cache = mixer.apply(params, x, jnp.broadcast_to(jnp.arange(6), (2, 6)), None, cache)
+  assert type(cache) is attention.AttentionCache
+  np.testing.assert_array_equal(cache.pos[0], [0, 1, 2, 3, 4, 5, -1, -1, -1, -1])
+
+
+@pytest.mark.parametrize("kind", [config_lib.SLIDING_WINDOW, config_lib.ATTENTION])
+def test_cudnn_decode_path_hands_cudnn_the_right_keys(kind, monkeypatch):
+  # cuDNN is absent on CPU: stand in for its kernel with plain math that honours the same
+  # contract (BNTH layout, keys beyond kv_seqlen ignored), and check the decode path built on
+  # it (per-row key lengths, also once the sliding window's ring buffer has wrapped).
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  from based_jax.mixers import attention
+
+  def fake(q, k, v, q_seqlen, kv_seqlen, *, scale, mask_type, qkv_layout):
+    assert qkv_layout == "BNTH" and mask_type == cudnn.MaskType.PADDING
+    assert q.shape[2] == 1 and np.all(np.asarray(q_seqlen) == 1)
+    logits = jnp.einsum("bhtk,bhsk->bhts", q, k) * scale
+    keep = jnp.arange(k.shape[2])[None, :] < kv_seqlen[:, None]
+    weights = jax.nn.softmax(jnp.where(keep[:, None, None], logits, -jnp.inf), axis=-1)
+    return jnp.einsum("bhts,bhsk->bhtk", weights, v)
+
+  monkeypatch.setattr(cudnn, "dot_product_attention", fake)
+  config = CONFIG.replace(attention_decode_impl="cudnn")
+  t, b = 2 * (CONFIG.window + 1) + 5, 2
+  mixer = make_mixer(config, kind, "mixer")
+  x = jax.random.normal(jax.random.key(0), (b, t, config.d_model))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  params = mixer.init(jax.random.key(1), x, positions, None, None)
+  whole, _ = mixer.apply(params, x, positions, None, None)
+  cache, outs = init_layer_cache(config, kind, b, max_len=t), []
+  attention.reset_implementations_used()
+  for i in range(t):
+    y, cache = mixer.apply(params, x[:, i:i + 1], positions[:, i:i + 1], None, cache)
+    outs.append(y)
+  assert attention.implementations_used() == ["decode:cudnn", "prefill:xla"]
+  assert rel(jnp.concatenate(outs, axis=1), whole) < 1e-5

@@ -134,6 +134,8 @@ BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)
     (dict(la_feature_dim=0), "la_feature_dim"),
     (dict(d_model=0), "d_model"),
     (dict(dtype="float16"), "dtype"),
+    (dict(attention_impl="flash"), "attention_impl"),
+    (dict(attention_decode_impl="pallas"), "attention_decode_impl"),
 ])
 def test_bad_configs_name_the_field(changes, field):
   with pytest.raises(ValueError, match=field):

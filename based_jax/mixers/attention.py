@@ -6,11 +6,29 @@ Window convention: with `window = W` a query at position p sees positions p - W 
 and W earlier tokens. The released BASED configs say `window_size: 256` and their code halves it,
 so they see 128 earlier tokens: our presets say `window=128`.
 
-Cache: `S` slots of already-rotated keys and values plus the position each slot holds (-1 when
-empty). Token at position p goes to slot p mod S. Sliding window: S = W + 1, a ring buffer.
-Full attention: S = max_len, so nothing is ever overwritten (callers check the length).
-A call attends over the cache as it was plus the call's own tokens, then writes those tokens:
-this one path serves training (no cache), ragged prefill and decoding.
+Cache: `S` slots of already-rotated keys and values, laid out [B, H, S, K'] (batch and head
+most major, so a decode step's dots are plain batched matrix-vector products over contiguous
+[S, K'] panels, with no transposed copy of the cache), plus the position each slot holds (-1
+when empty). Token at position p goes to slot p mod S. Sliding window: S = W + 1, a ring
+buffer. Full attention: S = max_len, so nothing is ever overwritten (callers check the length).
+K' is the head dim K, rounded up to a multiple of 8 only when decoding uses cuDNN (its kernels
+need that; the padding is zeros and changes no score).
+
+One call serves four cases, chosen at trace time:
+  - no cache (training, a plain forward): causal (windowed) attention within the call;
+  - an `EmptyAttentionCache` (what `init_attention_cache` returns, so the first call on a new
+    cache: a prefill): the same attention within the call, then the call's keys and values are
+    written to the cache;
+  - one token per row (decoding): write it, then attend over the cache;
+  - several tokens against a non-empty cache (chunked prefill): the general masked path, in
+    query blocks so no [B, H, T, S] score tensor larger than a fixed budget is materialised.
+Within-call attention is `jax.nn.dot_product_attention` with causal masking, a left window and
+per-row `query_seq_lengths` / `key_value_seq_lengths` for right-padded prompts: on a CUDA GPU
+with bfloat16 that is cuDNN flash attention (nothing quadratic is materialised), elsewhere
+JAX's XLA implementation. `config.attention_impl` and `config.attention_decode_impl` choose
+("auto", "xla", "cudnn"); `implementations_used()` lists what was actually traced.
+Cache writes are scatters into the existing buffers (in place under donation / loop carries):
+the cache is never concatenated or copied whole.
 """
 
 from typing import NamedTuple, Optional
@@ -18,38 +36,189 @@ from typing import NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from based_jax.config import ModelConfig
 from based_jax.layers import apply_rotary, dense
 
 _MASKED = -1e30
+# Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
+# the size of a prefill chunk's MLP activations; beyond it queries go in blocks (a lax.map).
+_SCORE_BUDGET = 2**28
+_USED: set = set()
 
 
 class AttentionCache(NamedTuple):
-  k: jnp.ndarray  # [B, S, H, K] rotated keys, compute dtype.
-  v: jnp.ndarray  # [B, S, H, K] values, compute dtype.
+  k: jnp.ndarray  # [B, H, S, K'] rotated keys, compute dtype.
+  v: jnp.ndarray  # [B, H, S, K'] values, compute dtype.
   pos: jnp.ndarray  # [B, S] int32 position held by each slot, -1 if empty.
 
 
-def init_attention_cache(config: ModelConfig, batch: int, slots: int) -> AttentionCache:
-  h = config.attn_heads
-  shape = (batch, slots, h, config.d_model // h)
+class EmptyAttentionCache(AttentionCache):
+  """An `AttentionCache` known, at trace time, to hold nothing yet: the first call on it
+  attends within its own tokens (flash attention where available) and returns a plain
+  `AttentionCache`. Loop carries must use the plain type (`cache.as_carry`)."""
+
+
+def cache_head_dim(config: ModelConfig) -> int:
+  """K' of the cache: the head dim, padded to a multiple of 8 for cuDNN decoding."""
+  k = config.d_model // config.attn_heads
+  return _round_up(k, 8) if config.attention_decode_impl == "cudnn" else k
+
+
+def init_attention_cache(config: ModelConfig, batch: int, slots: int) -> EmptyAttentionCache:
+  shape = (batch, config.attn_heads, slots, cache_head_dim(config))
   dtype = jnp.dtype(config.dtype)
-  return AttentionCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                        jnp.full((batch, slots), -1, jnp.int32))
+  return EmptyAttentionCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                             jnp.full((batch, slots), -1, jnp.int32))
+
+
+def plain_cache(cache: AttentionCache) -> AttentionCache:
+  """The same arrays as a plain `AttentionCache` (drops the trace-time 'empty' marker)."""
+  return AttentionCache(*cache)
+
+
+def implementations_used() -> list[str]:
+  """'<path>:<implementation>' for every attention path traced since the last reset, e.g.
+  'prefill:cudnn', 'decode:xla', 'chunked:xla' (benchmarks record this)."""
+  return sorted(_USED)
+
+
+def reset_implementations_used() -> None:
+  _USED.clear()
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _on_cuda() -> bool:
+  try:
+    device = jax.devices()[0]
+    return device.platform == "gpu" and "rocm" not in device.client.platform_version.lower()
+  except Exception:  # noqa: BLE001 - no backend information: not CUDA
+    return False
+
+
+def resolve_implementation(config: ModelConfig, path: str) -> str:
+  """The implementation `config` asks for on this backend. path: 'prefill' (attention within
+  a call: training, prefill) or 'decode' (one token against the cache).
+
+  'auto' means cuDNN flash attention for the within-call path on a CUDA GPU in bfloat16 with a
+  (padded) head dim <= 128, else XLA; for decoding 'auto' is the XLA einsum over the cache
+  (memory-bound: one read of every preallocated K and V slot, valid or not, and no head-dim
+  padding), while 'cudnn' decoding reads only each row's valid slots but pads the head dim.
+  """
+  requested = config.attention_impl if path == "prefill" else config.attention_decode_impl
+  if requested != "auto":
+    return requested
+  if path == "decode":
+    return "xla"
+  head_dim = config.d_model // config.attn_heads
+  if _on_cuda() and config.dtype == "bfloat16" and _round_up(head_dim, 8) <= 128:
+    return "cudnn"
+  return "xla"
+
+
+def _pad_head(x: jnp.ndarray, size: int) -> jnp.ndarray:
+  extra = size - x.shape[-1]
+  return x if extra == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def _within_call(q, k, v, lengths, window, scale, impl, auto: bool):
+  """Causal (windowed) attention of a call's tokens among themselves. q, k, v [B, T, H, K]."""
+  kwargs = dict(scale=scale, is_causal=True,
+                local_window_size=None if window is None else (window, 0))
+  if lengths is not None:
+    lengths = lengths.astype(jnp.int32)
+    kwargs.update(query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+  if impl == "cudnn":
+    size = _round_up(q.shape[-1], 8)  # cuDNN needs a multiple of 8: zero columns, same scores
+    try:
+      out = jax.nn.dot_product_attention(_pad_head(q, size), _pad_head(k, size),
+                                         _pad_head(v, size), implementation="cudnn", **kwargs)
+      _USED.add("prefill:cudnn")
+      return out[..., :q.shape[-1]]
+    except (NotImplementedError, RuntimeError):
+      if not auto:
+        raise
+  _USED.add("prefill:xla")
+  return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
+
+
+def _masked_attention(q, keys, values, q_pos, k_pos, window, scale):
+  """Queries q [B, T, H, K] over keys/values [B, H, S, K'] holding positions k_pos [B, S]
+  (-1 empty) at query positions q_pos [B, T]; float32 output [B, T, H, K]. Queries go in
+  blocks so that at most _SCORE_BUDGET float32 scores exist at once."""
+  b, t, h, kd = q.shape
+  s, size = keys.shape[2], keys.shape[3]
+  q = _pad_head(q, size)
+
+  def attend(qb, qpb):
+    logits = jnp.einsum("bthk,bhsk->bhts", qb, keys, preferred_element_type=jnp.float32)
+    qp, kp = qpb[:, :, None], k_pos[:, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+      allowed &= kp >= qp - window
+    logits = jnp.where(allowed[:, None], logits * scale, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    return jnp.einsum("bhts,bhsk->bthk", weights, values, preferred_element_type=jnp.float32)
+
+  block = max(1, min(t, _SCORE_BUDGET // (b * h * s)))
+  if block >= t:
+    out = attend(q, q_pos)
+  else:
+    n = -(-t // block)
+    qs = jnp.pad(q, ((0, 0), (0, n * block - t), (0, 0), (0, 0)))
+    ps = jnp.pad(q_pos, ((0, 0), (0, n * block - t)))
+    outs = jax.lax.map(lambda xs: attend(*xs),
+                       (qs.reshape(b, n, block, h, size).swapaxes(0, 1),
+                        ps.reshape(b, n, block).swapaxes(0, 1)))
+    out = outs.swapaxes(0, 1).reshape(b, n * block, h, size)[:, :t]
+  return out[..., :kd]
+
+
+def _decode_attention(q, cache: AttentionCache, q_pos, window, scale, impl):
+  """One query per row, q [B, 1, H, K], over a cache that already holds its own key."""
+  kd = q.shape[-1]
+  b, h, s, size = cache.k.shape
+  q = _pad_head(q, size)
+  if impl == "cudnn":
+    # Slots 0 .. min(p, S - 1) are the valid ones (positions are contiguous from 0 and slot =
+    # position mod S), so a key length per row is the whole mask; softmax ignores slot order.
+    try:  # jax.nn.dot_product_attention takes BTNH only; the cache is BNTH: private API
+      from jax._src.cudnn import fused_attention_stablehlo as cudnn
+    except ImportError as e:
+      raise NotImplementedError("attention_decode_impl='cudnn' needs jax._src.cudnn") from e
+    kv_len = jnp.minimum(q_pos[:, 0] + 1, s).astype(jnp.int32)
+    out = cudnn.dot_product_attention(
+        q.swapaxes(1, 2), cache.k, cache.v, q_seqlen=jnp.ones((b,), jnp.int32),
+        kv_seqlen=kv_len, scale=scale, mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH")
+    _USED.add("decode:cudnn")
+    return out.swapaxes(1, 2)[..., :kd]
+  _USED.add("decode:xla")
+  logits = jnp.einsum("bhk,bhsk->bhs", q[:, 0], cache.k, preferred_element_type=jnp.float32)
+  qp, kp = q_pos[:, :1], cache.pos
+  allowed = (kp >= 0) & (kp <= qp)
+  if window is not None:
+    allowed &= kp >= qp - window
+  logits = jnp.where(allowed[:, None], logits * scale, _MASKED)
+  weights = jax.nn.softmax(logits, axis=-1).astype(cache.v.dtype)
+  out = jnp.einsum("bhs,bhsk->bhk", weights, cache.v, preferred_element_type=jnp.float32)
+  return out[:, None, :, :kd]
 
 
 def _write(cache: AttentionCache, k, v, key_pos) -> AttentionCache:
-  """Writes the call's valid tokens to slot pos mod S; only the last S can survive anyway."""
+  """Scatters the call's valid tokens (k, v [B, T, H, K]) to slot pos mod S, in place; only
+  the last S can survive anyway, so earlier ones are dropped rather than written twice."""
   b, s = cache.pos.shape
+  size = cache.k.shape[-1]
   last = jnp.max(key_pos, axis=1, keepdims=True)
   keep = (key_pos >= 0) & (key_pos > last - s)
   slot = jnp.where(keep, key_pos % s, s)  # slot s is out of range: dropped
   rows = jnp.arange(b)[:, None]
-  return AttentionCache(
-      k=cache.k.at[rows, slot].set(k.astype(cache.k.dtype), mode="drop"),
-      v=cache.v.at[rows, slot].set(v.astype(cache.v.dtype), mode="drop"),
+  return AttentionCache(  # x[rows, :, slot] is [B, T, H, K']: the update's own layout
+      k=cache.k.at[rows, :, slot].set(_pad_head(k, size).astype(cache.k.dtype), mode="drop"),
+      v=cache.v.at[rows, :, slot].set(_pad_head(v, size).astype(cache.v.dtype), mode="drop"),
       pos=cache.pos.at[rows, slot].set(key_pos, mode="drop"))
 
 
@@ -65,26 +234,38 @@ class Attention(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     h = cfg.attn_heads
+    dtype = jnp.dtype(cfg.dtype)
+    scale = (d // h) ** -0.5
     qkv = dense(cfg, 3 * d, use_bias=False, name="Wqkv")(x).reshape(b, t, 3, h, d // h)
-    q = apply_rotary(qkv[:, :, 0], positions, cfg.rope_base)
-    k = apply_rotary(qkv[:, :, 1], positions, cfg.rope_base)
-    v = qkv[:, :, 2]
+    q = apply_rotary(qkv[:, :, 0], positions, cfg.rope_base).astype(dtype)
+    k = apply_rotary(qkv[:, :, 1], positions, cfg.rope_base).astype(dtype)
+    v = qkv[:, :, 2].astype(dtype)
     valid = jnp.ones((b, t), bool) if lengths is None else jnp.arange(t) < lengths[:, None]
     key_pos = jnp.where(valid, positions, -1)
 
-    def scores(keys, kpos):  # [B, H, T, S'] with causal/window/empty-slot masking
-      logits = jnp.einsum("bthk,bshk->bhts", q, keys, preferred_element_type=jnp.float32)
-      qp, kp = positions[:, None, :, None], kpos[:, None, None, :]
-      allowed = (kp >= 0) & (kp <= qp)
-      if self.window is not None:
-        allowed &= kp >= qp - self.window
-      return jnp.where(allowed, logits * (d // h) ** -0.5, _MASKED)
-
-    parts = [(k, v, key_pos)] if cache is None else [(cache.k, cache.v, cache.pos), (k, v, key_pos)]
-    logits = [scores(pk, pp) for pk, _, pp in parts]
-    weights = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    bounds = np.cumsum([lg.shape[-1] for lg in logits[:-1]]).tolist()
-    out = sum(jnp.einsum("bhts,bshk->bthk", w.astype(pv.dtype), pv)
-              for w, (_, pv, _) in zip(jnp.split(weights, bounds, axis=-1), parts))
+    if cache is None or isinstance(cache, EmptyAttentionCache):
+      impl = resolve_implementation(cfg, "prefill")
+      out = _within_call(q, k, v, lengths, self.window, scale, impl,
+                         auto=cfg.attention_impl == "auto")
+      new_cache = None if cache is None else _write(cache, k, v, key_pos)
+    elif t == 1:
+      new_cache = _write(cache, k, v, key_pos)  # write first: the query sees its own key
+      out = _decode_attention(q, new_cache, positions, self.window, scale,
+                              resolve_implementation(cfg, "decode"))
+    elif self.window is None:
+      _USED.add("chunked:xla")
+      new_cache = _write(cache, k, v, key_pos)  # S = max_len: writing clobbers nothing
+      out = _masked_attention(q, new_cache.k, new_cache.v, positions, new_cache.pos, None, scale)
+    else:
+      # A ring buffer: this call's writes could evict keys its own earlier queries need, so
+      # attend over the old ring plus the call's tokens (both small), then write.
+      _USED.add("chunked:xla")
+      size = cache.k.shape[-1]
+      keys = jnp.concatenate([cache.k, _pad_head(k, size).swapaxes(1, 2)], axis=2)
+      values = jnp.concatenate([cache.v, _pad_head(v, size).swapaxes(1, 2)], axis=2)
+      out = _masked_attention(q, keys, values, positions,
+                              jnp.concatenate([cache.pos, key_pos], axis=1), self.window, scale)
+      new_cache = _write(cache, k, v, key_pos)
+    out = jnp.where(valid[:, :, None, None], out, 0).astype(dtype)  # padding rows: exact zeros
     y = dense(cfg, d, use_bias=False, output=True, name="out_proj")(out.reshape(b, t, d))
-    return y, (None if cache is None else _write(cache, k, v, key_pos))
+    return y, new_cache
