@@ -97,12 +97,15 @@ def segment_length(b: int, h: int, t: int, step: int, segment: int | None = None
     segment = -(-t // n)
   if not isinstance(segment, int) or segment < 1:
     raise ValueError(f"segment must be a positive int, got {segment!r}")
-  return -(-segment // step) * step
+  return -(-min(segment, t) // step) * step
+
+
+_F32_PRODUCTS = jax.lax.DotAlgorithmPreset.F32_F32_F32  # float32 inputs: IEEE, not tf32
 
 
 def _dot(a, b, dtype, trans_a=False, trans_b=False):
-  """a @ b with operands cast to `dtype`, accumulated in float32 (IEEE for float32, not tf32)."""
-  precision = jax.lax.DotAlgorithmPreset.F32_F32_F32 if dtype == jnp.float32 else None
+  """a @ b with operands cast to `dtype`, accumulated in float32."""
+  precision = _F32_PRODUCTS if dtype == jnp.float32 else None
   return plt.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
                  precision=precision)
 
