@@ -15,21 +15,26 @@ def feature_width(feature_dim: int) -> int:
   return 1 + feature_dim + feature_dim * feature_dim
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+  """float32 for bf16 / float16 / float32 inputs; float64 stays float64 (the tests' truth)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def taylor_feature_map(x: jnp.ndarray) -> jnp.ndarray:
-  """phi(x), computed in float32.
+  """phi(x), computed in at least float32 (`compute_dtype`).
 
   Args:
     x: [..., F] queries or keys.
 
   Returns:
-    [..., 1 + F + F^2] float32 features.
+    [..., 1 + F + F^2] features in compute_dtype(x.dtype).
   """
-  x = x.astype(jnp.float32)
+  x = x.astype(compute_dtype(x.dtype))
   f = x.shape[-1]
   linear = x / f**0.25
   quadratic = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], f * f)
   quadratic = quadratic / (2.0**0.5 * f**0.5)
-  ones = jnp.ones((*x.shape[:-1], 1), jnp.float32)
+  ones = jnp.ones((*x.shape[:-1], 1), x.dtype)
   return jnp.concatenate([ones, linear, quadratic], axis=-1)
 
 

@@ -86,6 +86,9 @@ class Tiling:
 # Tuned on an H100 at B=8, H=16, D=64, bf16 (experiments/bench_prefill.py --variants).
 FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, expand="matmul")
 BACKWARD_TILING = Tiling(chunk=64, num_warps=8, expand="reshape")
+# float32 operands take twice the shared memory: at D = 112 (padded to 128) the bf16 backward
+# tiling asks for 288 KiB on an H100 (227 KiB available), so float32 gets half the chunk.
+BACKWARD_TILING_F32 = Tiling(chunk=32, num_warps=8, expand="reshape")
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
 MIN_SEGMENT = 512  # auto segments: never shorter than this many tokens
 
@@ -491,7 +494,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
             lengths: jnp.ndarray, *, eps: float, forward: Tiling = FORWARD_TILING,
-            backward: Tiling = BACKWARD_TILING, segment: int | None = None,
+            backward: Tiling | None = None, segment: int | None = None,
             interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """Causal Taylor linear attention through the Pallas kernels.
 
@@ -500,7 +503,8 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
     state: the initial state (float32 [B, H, E, D] and [B, H, E]).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
-    forward, backward: the tilings of the forward and the backward kernels.
+    forward, backward: the tilings of the forward and the backward kernels (backward None:
+      BACKWARD_TILING, or BACKWARD_TILING_F32 for float32 inputs).
     segment: tokens per program along time (rounded up to the larger chunk); None picks it
       from the shape (`segment_length`).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -510,6 +514,9 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   """
   b, t, h, f = q.shape
   d = v.shape[-1]
+  if backward is None:
+    wide = jnp.float32 in (q.dtype, k.dtype, v.dtype)
+    backward = BACKWARD_TILING_F32 if wide else BACKWARD_TILING
   seg = segment_length(b, h, t, max(forward.chunk, backward.chunk), segment)
   t_pad, d_pad = -(-t // seg) * seg, pl.next_power_of_2(d)
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x

@@ -5,8 +5,10 @@ E = 1 + F + F^2 the Taylor feature width.
 
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 
-Everything is computed in float32 whatever the input dtype: the normaliser grows like O(T)
-and a bf16 copy of it loses the answer. Keys whose `key_mask` is False contribute nothing,
+Everything is computed in at least float32 (`compute_dtype`): the normaliser grows like O(T)
+and a bf16 copy of it loses the answer. Float64 inputs (under jax x64) are computed in
+float64, which is how the tests get their truth; note that float32 einsums on a GPU follow
+JAX's default matmul precision (TF32), so a float32 run of this module on a GPU is not IEEE. Keys whose `key_mask` is False contribute nothing,
 neither to outputs nor to the returned state (that is how padding is kept out of the state).
 """
 
@@ -15,7 +17,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.taylor_attention.feature_map import taylor_feature_map, taylor_kernel
+from pallas_kernels.taylor_attention.feature_map import (compute_dtype, taylor_feature_map,
+                                                         taylor_kernel)
 from pallas_kernels.taylor_attention.state import TaylorState, zero_state
 
 
@@ -47,7 +50,7 @@ def quadratic(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   state = initial_state(state, q, v)
   if key_mask is None:
     key_mask = jnp.ones((b, t), bool)
-  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  qf, kf, vf = (x.astype(compute_dtype(x.dtype)) for x in (q, k, v))
   s = jnp.einsum("bthf,bshf->bhts", qf, kf) / f**0.5
   causal = jnp.tril(jnp.ones((t, t), bool))
   weights = jnp.where(causal & key_mask[:, None, None, :], taylor_kernel(s), 0.0)
@@ -85,7 +88,7 @@ def recurrent_step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: Taylor
   """
   phi_q = taylor_feature_map(q)
   phi_k = taylor_feature_map(k)
-  vf = v.astype(jnp.float32)
+  vf = v.astype(compute_dtype(v.dtype))
   kv = state.kv + phi_k[..., :, None] * vf[..., None, :]
   ks = state.k + phi_k
   num = jnp.einsum("bhe,bhed->bhd", phi_q, kv)
