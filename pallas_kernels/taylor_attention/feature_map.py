@@ -7,6 +7,7 @@ exp(s) to second order. The polynomial is always >= 1/2, so the attention weight
 and the normaliser never vanishes.
 """
 
+import jax
 import jax.numpy as jnp
 
 
@@ -17,7 +18,7 @@ def feature_width(feature_dim: int) -> int:
 
 def compute_dtype(dtype) -> jnp.dtype:
   """float32 for bf16 / float16 / float32 inputs; float64 stays float64 (the tests' truth)."""
-  return jnp.promote_types(dtype, jnp.float32)
+  return jax.dtypes.canonicalize_dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def taylor_feature_map(x: jnp.ndarray) -> jnp.ndarray:
