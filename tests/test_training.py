@@ -91,16 +91,18 @@ def test_kv_pairs_that_do_not_fit(tmp_path, monkeypatch):
 SHARDED_SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, jax.numpy as jnp, numpy as np
+    import jax, jax.numpy as jnp, numpy as np, optax
     from based_jax.config import get_config
     from based_jax.model import LanguageModel
     from based_jax.training import sharding, step as step_lib
-    from based_jax.training.optimizer import OptimizerConfig, make_optimizer
     from data import mqar
 
     assert jax.device_count() == 8
     model = LanguageModel(get_config("mqar_based", d_model=64, la_feature_dim=8))
-    opt = make_optimizer(OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=10))
+    # SGD with momentum: the update is linear in the gradient, so the sharded reductions'
+    # other summation order shows up at float32 rounding level. (Adam divides by sqrt(v) and
+    # turns a rounding-level difference in a near-zero gradient into an lr-sized step.)
+    opt = optax.sgd(1e-2, momentum=0.9)
     data = mqar.generate_mqar(16, 32, 4, seed=0)
     batch = {"inputs": data.inputs, "labels": data.labels}
     finals = []
@@ -116,9 +118,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     kernel = finals[1].params["params"]["layers_0"]["mixer"]["in_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     for a, b in zip(jax.tree.leaves(finals[0].params), jax.tree.leaves(finals[1].params)):
-      # Sharded reductions sum in another order; Adam turns tiny gradient differences into
-      # parameter differences of order 1e-6 (lr 1e-2), so compare at atol 1e-5.
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-5)
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
     print("SHARDED_OK")
 """)
 
