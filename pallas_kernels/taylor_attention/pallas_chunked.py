@@ -25,8 +25,8 @@ sums phi(k) v^T over its segment (no outputs, no chunk-local quadratic form), an
 sums up across segments (an exclusive prefix sum of S - 1 float32 [E, D] blocks). Segments pay
 only when B H alone cannot fill the GPU (small batch, long prompts): measured on an H100 at
 B = 8, H = 16, T = 8192 the kernels are throughput-bound (register-resident state, small
-products) and S = 1 is fastest (forward 1.29 ms; S = 8: 1.91 ms), so `segment_length` splits
-time only up to about TARGET_PROGRAMS programs.
+products) and S = 1 is fastest (compare `bench_prefill --variants=//8192,//1024`), so
+`segment_length` splits time only up to about TARGET_PROGRAMS programs.
 
 Nothing E-wide ever goes to HBM except these per-segment states: phi2 is formed in registers
 from the [C, F] tile (`_phi2`). Matrix products take the input dtype (bf16 runs on tensor cores)
@@ -37,7 +37,8 @@ Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y 
 (about 0.34 GB, 0.11 ms at 3 TB/s), a float32 normaliser per token and S float32 [E, D] states
 per (batch, head) (S = 4 would be 36 MB); the arithmetic is about 4 T P D (state read + update) +
 2 T C (F + D) (the chunk-local quadratic form) per (batch, head), about 9e10 flops, 0.1 ms at
-tensor-core rate. Measured, the forward takes 1.29 ms there: the kernels are bound by the
+tensor-core rate. Measured, the forward takes 1.30 ms there (experiments/results/
+prefill_h100_d64.json): the kernels are bound by the
 issue rate of many small products on Triton's mma path (K = 16 for the phi2 spreading
 products, which are about 45% of the flops with expand="matmul"; a [P, block_d] float32 state
 held in registers caps block_d and warps), not by HBM. Closing the gap to the roofline needs
@@ -103,12 +104,9 @@ def segment_length(b: int, h: int, t: int, step: int, segment: int | None = None
   return -(-min(segment, t) // step) * step
 
 
-_F32_PRODUCTS = jax.lax.DotAlgorithmPreset.F32_F32_F32  # float32 inputs: IEEE, not tf32
-
-
 def _dot(a, b, dtype, trans_a=False, trans_b=False):
-  """a @ b with operands cast to `dtype`, accumulated in float32."""
-  precision = _F32_PRODUCTS if dtype == jnp.float32 else None
+  """a @ b with operands cast to `dtype`, accumulated in float32 (IEEE for float32, not tf32)."""
+  precision = jax.lax.DotAlgorithmPreset.F32_F32_F32 if dtype == jnp.float32 else None
   return plt.dot(a.astype(dtype), b.astype(dtype), trans_a=trans_a, trans_b=trans_b,
                  precision=precision)
 

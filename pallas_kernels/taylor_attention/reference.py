@@ -7,9 +7,10 @@ E = 1 + F + F^2 the Taylor feature width.
 
 Everything is computed in at least float32 (`compute_dtype`): the normaliser grows like O(T)
 and a bf16 copy of it loses the answer. Float64 inputs (under jax x64) are computed in
-float64, which is how the tests get their truth; note that float32 einsums on a GPU follow
-JAX's default matmul precision (TF32), so a float32 run of this module on a GPU is not IEEE. Keys whose `key_mask` is False contribute nothing,
-neither to outputs nor to the returned state (that is how padding is kept out of the state).
+float64, which is how the tests get their truth (float32 einsums on a GPU follow JAX's
+default matmul precision, TF32, so a float32 run of this module there is not IEEE). Keys
+whose `key_mask` is False contribute nothing, neither to outputs nor to the returned state
+(that is how padding is kept out of the state).
 """
 
 from typing import Optional
