@@ -1,6 +1,6 @@
 """Trains a model on MQAR (multi-query associative recall) and reports per-slice accuracy.
 
-  python -m experiments.train                       # small BASED, laptop mix, ~10 min on 2 cores
+  python -m experiments.train                       # small BASED, dense MQAR mix, <10 min on 2 cores
   python -m experiments.train --model=mqar_sliding_window --model_set=window=64
   python -m experiments.train --run=mqar_paper --learning_rate=3.2e-3 --workdir=runs/paper
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.taylor_attention import causal_taylor_attention, feature_width, reference, xla
+from pallas_kernels.taylor_attention import api, causal_taylor_attention, feature_width, reference, xla
 from pallas_kernels.taylor_attention.feature_map import taylor_feature_map
 from pallas_kernels.taylor_attention.state import TaylorState
 
@@ -110,7 +110,9 @@ def test_gradients_match_finite_differences_of_the_numpy_reference(argnum):
   np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * direction), fd, rtol=1e-4)
 
 
-def test_lengths_keep_padding_out_of_the_state():
+@pytest.mark.parametrize("quadratic_max_t", [512, 8])  # the quadratic and the chunked form
+def test_lengths_keep_padding_out_of_the_state(monkeypatch, quadratic_max_t):
+  monkeypatch.setattr(api, "QUADRATIC_MAX_T", quadratic_max_t)
   q, k, v = inputs(11, 3, 30, 2, 4, 3)
   lengths = jnp.array([30, 1, 17])
   y, state = causal_taylor_attention(q, k, v, lengths=lengths, impl="xla")

@@ -48,19 +48,22 @@ def quadratic(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     y: [B, T, H, D] in v's dtype, and the state after the last (unmasked) key.
   """
   b, t, _, f = q.shape
-  state = initial_state(state, q, v)
   if key_mask is None:
     key_mask = jnp.ones((b, t), bool)
   qf, kf, vf = (x.astype(compute_dtype(x.dtype)) for x in (q, k, v))
   s = jnp.einsum("bthf,bshf->bhts", qf, kf) / f**0.5
   causal = jnp.tril(jnp.ones((t, t), bool))
   weights = jnp.where(causal & key_mask[:, None, None, :], taylor_kernel(s), 0.0)
-  phi_q = taylor_feature_map(qf)
   num = jnp.einsum("bhts,bshd->bthd", weights, vf)
-  num += jnp.einsum("bthe,bhed->bthd", phi_q, state.kv)
-  den = jnp.einsum("bhts->bth", weights) + jnp.einsum("bthe,bhe->bth", phi_q, state.k)
+  den = jnp.einsum("bhts->bth", weights)
+  if state is not None:  # no state: skip reading zeros through the E-wide features
+    phi_q = taylor_feature_map(qf)
+    num += jnp.einsum("bthe,bhed->bthd", phi_q, state.kv)
+    den += jnp.einsum("bthe,bhe->bth", phi_q, state.k)
   y = num / (den[..., None] + eps)
 
+  # Unused (training) -> removed under jit.
+  state = initial_state(state, q, v)
   phi_k = taylor_feature_map(kf) * key_mask[:, :, None, None]
   new_state = TaylorState(
       kv=state.kv + jnp.einsum("bthe,bthd->bhed", phi_k, vf),
