@@ -8,6 +8,7 @@ import pytest
 from based_jax import (LanguageModel, SamplingConfig, count_params, generate, get_config,
                        init_cache, init_params, state_size_bytes)
 from based_jax.config import ModelConfig
+from based_jax.layers import matrix_dot_general
 from based_jax.sampling import sample_tokens
 
 PRESETS = ["based_tiny", "transformer_pp_tiny"]
@@ -180,3 +181,13 @@ def test_chunked_prefill_equals_one_shot_forward(preset):
       assert rel(logits[i], full[0, -1]) < 1e-5
   for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_matrix_dot_general_equals_dot_general():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+  w = jax.random.normal(jax.random.key(1), (7, 4))
+  dims = (((2,), (0,)), ((), ()))
+  want = np.einsum("btd,dn->btn", np.asarray(x, np.float64), np.asarray(w, np.float64))
+  np.testing.assert_allclose(matrix_dot_general(x, w, dims), want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="expected"):
+    matrix_dot_general(x, w, (((1,), (0,)), ((), ())))

@@ -32,7 +32,8 @@ KERNEL_FEATURE_DIMS = (16,)  # F the kernels are built for (tensor-core tiles, o
 KERNEL_MAX_VALUE_DIM = 128  # D, after padding to a power of two
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # "xla" up to this T uses the quadratic form: no E-wide features or per-chunk states, so it
-# trains MQAR-length sequences 2-10x faster than the chunked scan on a CPU (measured, 2 cores).
+# trains 64-512 token sequences 1.3-14x faster than the chunked scan on a 2-core CPU, and is
+# slower at 1024 (experiments/results/cpu_training.json).
 QUADRATIC_MAX_T = 512
 _warned = set()
 
