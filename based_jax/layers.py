@@ -30,13 +30,19 @@ def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
   Same result as `lax.dot_general`; XLA's CPU backend computes the weight gradient of the
   rank-3 contraction about 2.5x slower than that of a matrix product
-  (experiments/results/cpu_training.json).
+  (experiments/results/cpu_training.json). A single row (batch-1 decoding) is padded to two:
+  XLA:GPU rewrites a vector-matrix product as a reduction that reads bf16 weights about 2x
+  slower than its matrix kernels (experiments/results/decode_1b_profile_h100.json).
   """
   if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
     raise ValueError(f"expected x[..., D] @ W[D, N], got {dimension_numbers}")
-  y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+  rows = lhs.reshape(-1, lhs.shape[-1])
+  m = rows.shape[0]
+  if m == 1:
+    rows = jnp.pad(rows, ((0, 1), (0, 0)))
+  y = jax.lax.dot_general(rows, rhs, (((1,), (0,)), ((), ())),
                           precision=precision, preferred_element_type=preferred_element_type)
-  return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
+  return y[:m].reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = False,

@@ -16,7 +16,7 @@ import numpy as np
 from based_jax import config as config_lib
 from based_jax.cache import ModelCache
 from based_jax.config import ModelConfig
-from based_jax.layers import RMSNorm, SwiGLU, weight_init
+from based_jax.layers import RMSNorm, SwiGLU, matrix_dot_general, weight_init
 from based_jax.mixers import Attention, BaseConv, TaylorLinearAttention
 
 
@@ -98,8 +98,8 @@ class LanguageModel(nn.Module):
     x = RMSNorm(cfg, name="final_norm")(x)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    logits = jnp.einsum("btd,vd->btv", x, embed.embedding.astype(x.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = matrix_dot_general(x, embed.embedding.astype(x.dtype).T, (((2,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
     if cache is None:
       return logits, None
     added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)

@@ -6,7 +6,8 @@ The step is memory-bound: it must read and write the float32 state (kv [B, H, E,
 k [B, H, E]) once. Each implementation runs jitted with the state donated and fed back, as in
 the decode loop; the table reports the median time, the achieved bandwidth (state bytes read
 plus written, plus q, k, v, y) and its fraction of the measured device copy bandwidth.
-Defaults are the 360M model's shape at batch 256 (H=16, d'=16, D=64).
+Defaults are the 360M model's shape at batch 256 (H=16, d'=16, D=64). `--pallas_tilings`
+adds the Pallas kernel at explicit tilings (how its defaults were chosen).
 """
 
 import json
@@ -18,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.benchmarking import copy_bandwidth, median_ms, run_metadata
-from pallas_kernels.taylor_attention import causal_taylor_attention
+from pallas_kernels.taylor_attention import causal_taylor_attention, pallas_decode
 from pallas_kernels.taylor_attention.state import TaylorState
 
 _B = flags.DEFINE_list("batch_sizes", ["1", "64", "256"], "Batch sizes.")
@@ -26,19 +27,36 @@ _H = flags.DEFINE_integer("heads", 16, "Heads.")
 _F = flags.DEFINE_integer("feature_dim", 16, "Query/key feature dim d'.")
 _DV = flags.DEFINE_list("value_dims", ["64", "112"], "Value head dims D.")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "triton", "xla"], "What to time.")
+_TILINGS = flags.DEFINE_list(
+    "pallas_tilings", [], "Also time the Pallas kernel directly with these tilings, each "
+    "num_warps:max_block_d:block_e (e.g. 4:128:64; see pallas_decode.step).")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", "experiments/results/decode_step", "Output path prefix.")
 
 
-def bench(impl, b, h, f, d, bandwidth):
+def api_step(impl):
+  return lambda q, k, v, s: causal_taylor_attention(q, k, v, state=s, impl=impl)
+
+
+def tiled_step(tiling: str):
+  """The Pallas decode kernel with an explicit 'num_warps:max_block_d:block_e' tiling."""
+  warps, block_d, block_e = (int(x) for x in tiling.split(":"))
+
+  def attend(q, k, v, s):
+    y, s = pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], s, jnp.ones(q.shape[:1], bool),
+                              eps=1e-6, num_warps=warps, max_block_d=block_d, block_e=block_e)
+    return y[:, None], s
+  return attend
+
+
+def bench(attend, b, h, f, d, bandwidth):
   r = np.random.default_rng(b + d)
   q, k = (jnp.asarray(r.normal(size=(b, 1, h, f)), jnp.bfloat16) for _ in range(2))
   v = jnp.asarray(r.normal(size=(b, 1, h, d)), jnp.bfloat16)
   e = 1 + f + f * f
   state = [TaylorState(jnp.asarray(r.normal(size=(b, h, e, d)), jnp.float32),
                        jnp.asarray(r.uniform(1, 2, size=(b, h, e)), jnp.float32))]
-  step = jax.jit(lambda q, k, v, s: causal_taylor_attention(q, k, v, state=s, impl=impl),
-                 donate_argnums=3)
+  step = jax.jit(attend, donate_argnums=3)
 
   def call():
     y, state[0] = step(q, k, v, state[0])
@@ -61,10 +79,12 @@ def main(argv):
   rows = []
   for d in (int(x) for x in _DV.value):
     for b in (int(x) for x in _B.value):
-      for impl in _IMPLS.value:
+      cases = [(impl, api_step(impl)) for impl in _IMPLS.value]
+      cases += [(f"pallas[{t}]", tiled_step(t)) for t in _TILINGS.value]
+      for impl, attend in cases:
         row = {"impl": impl, "batch": b, "D": d}
         try:
-          row.update(bench(impl, b, _H.value, _F.value, d, bandwidth))
+          row.update(bench(attend, b, _H.value, _F.value, d, bandwidth))
           msg = (f"{row['median_ms'] * 1e3:8.1f} us  {row['achieved_Bps'] / 1e12:5.2f} TB/s "
                  f"({100 * row['fraction_of_copy_bw']:.0f}% of copy)")
         except Exception as e:  # noqa: BLE001 - record, keep benchmarking the rest

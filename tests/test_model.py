@@ -183,11 +183,14 @@ def test_chunked_prefill_equals_one_shot_forward(preset):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_matrix_dot_general_equals_dot_general():
-  x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+@pytest.mark.parametrize("shape", [(3, 5, 7), (1, 1, 7)])  # (1, 1): the padded single row
+def test_matrix_dot_general_equals_dot_general(shape):
+  x = jax.random.normal(jax.random.key(0), shape)
   w = jax.random.normal(jax.random.key(1), (7, 4))
   dims = (((2,), (0,)), ((), ()))
   want = np.einsum("btd,dn->btn", np.asarray(x, np.float64), np.asarray(w, np.float64))
-  np.testing.assert_allclose(matrix_dot_general(x, w, dims), want, rtol=1e-5, atol=1e-5)
+  got = matrix_dot_general(x, w, dims)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="expected"):
     matrix_dot_general(x, w, (((1,), (0,)), ((), ())))

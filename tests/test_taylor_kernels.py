@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.taylor_attention import (api, causal_taylor_attention, pallas_chunked,
-                                             reference)
+                                             pallas_decode, reference)
 from pallas_kernels.taylor_attention.state import TaylorState
 from test_taylor_reference import numpy_taylor_attention, rel
 
@@ -115,15 +115,32 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
     assert rel(g, g_ref) < tol, name
 
 
+def decode_through_api(impl, tiling):
+  return jax.jit(lambda *a: causal_taylor_attention(*a[:3], state=a[3], lengths=a[4], impl=impl))
+
+
+def decode_with_tiling(impl, tiling):
+  """pallas_decode.step with explicit column / row blocks, on [B, 1, H, *] inputs."""
+  def step(q, k, v, state, lengths):
+    y, new = pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], state, lengths > 0, eps=1e-6,
+                                interpret=impl == "pallas_interpret", **tiling)
+    return y[:, None], new
+  return jax.jit(step)
+
+
 @pytest.mark.parametrize("impl", DECODE_IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("d", [64, 112])
-def test_decode_step_matches_float64(impl, dtype, d):
+@pytest.mark.parametrize("tiling", [None, dict(max_block_d=32, block_e=16),
+                                    dict(max_block_d=64, block_e=256)])
+def test_decode_step_matches_float64(impl, dtype, d, tiling):
+  if tiling is not None and impl == "triton":
+    pytest.skip("explicit tilings are the Pallas kernel's")
   b, h = 3, 2
   q, k, v, state = random_case(d, b, 1, h, d, dtype, with_state=True)
   lengths = jnp.array([1, 0, 1], jnp.int32)  # row 1 is padding: its state must not move
   poison_device_memory()
-  step = jax.jit(lambda *a: causal_taylor_attention(*a[:3], state=a[3], lengths=a[4], impl=impl))
+  step = (decode_through_api if tiling is None else decode_with_tiling)(impl, tiling)
   y, new = step(q, k, v, state, lengths)
   y_ref, kv_ref, k_ref = numpy_taylor_attention(
       *(np.asarray(x, np.float32) for x in (q, k, v)), state.kv, state.k)
@@ -159,3 +176,10 @@ def test_kernel_limits_give_clear_errors_or_fall_back():
     with pytest.raises(ValueError, match="needs a GPU"):
       causal_taylor_attention(q16, q16, v, impl="pallas")
   assert api._resolve("auto", q, q, v, None) == "xla"  # unsupported F: the fallback
+
+
+def test_decode_step_rejects_a_row_block_that_does_not_tile_the_quadratic_rows():
+  q, k, v, state = random_case(0, 1, 1, 1, 64, jnp.float32, with_state=True)
+  with pytest.raises(ValueError, match="block_e=24"):
+    pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], state, jnp.ones((1,), bool), eps=1e-6,
+                       block_e=24, interpret=True)

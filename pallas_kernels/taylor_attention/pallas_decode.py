@@ -10,6 +10,10 @@ Roofline: memory-bound. Per step and head the floor is one read and one write of
 2 * 4 * E * (D + 1) bytes (about 140 KB at F = 16, D = 64); the flops (about 6 E D) are
 negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
 112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
+The F * F quadratic rows are loaded and stored `block_e` rows at a time: a [256, 128] float32
+tile spills registers (8x slower), while blocks of 64 rows reach 0.83 of the copy bandwidth at
+B=1024, H=16, D=112 and 0.77-0.79 at B=256, D=64 (H100; blocks of 64 columns and all 256 rows
+at once, the former tiling: 0.69 and 0.78). See `experiments/bench_decode_step.py`.
 """
 
 import functools
@@ -22,7 +26,8 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
-def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps, d):
+def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps, d,
+            block_e):
   f = q_ref.shape[0]
   p = f * f
   lin, quad = f ** -0.25, 1.0 / (2.0 ** 0.5 * f ** 0.5)
@@ -32,10 +37,16 @@ def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_ou
   q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
   v = plt.load(v_ref, mask=col_ok, other=0.0).astype(jnp.float32) * valid
   ql, kl = q * lin, k * lin * valid
-  qp = (q[:, None] * q[None, :]).reshape(p) * quad
-  kp = (k[:, None] * k[None, :]).reshape(p) * (quad * valid)
-  sections = ((0, 1, jnp.ones((1,), jnp.float32), valid * jnp.ones((1,), jnp.float32)),
-              (1, f, ql, kl), (1 + f, p, qp, kp))
+
+  def outer_rows(ref, x, i, scale):  # rows i .. i + block_e of the flattened x x^T
+    head = ref[pl.ds(i // f, block_e // f)].astype(jnp.float32)
+    return (head[:, None] * x[None, :]).reshape(block_e) * scale
+
+  sections = [(0, 1, jnp.ones((1,), jnp.float32), valid * jnp.ones((1,), jnp.float32)),
+              (1, f, ql, kl)]
+  # The f * f quadratic rows go in blocks of block_e rows, bounding the registers of a load.
+  sections += [(1 + f + i, block_e, outer_rows(q_ref, q, i, quad),
+                outer_rows(k_ref, k, i, quad * valid)) for i in range(0, p, block_e)]
   num = jnp.zeros(v.shape, jnp.float32)
   den = jnp.zeros((), jnp.float32)
   for start, size, phi_q, phi_k in sections:
@@ -54,8 +65,8 @@ def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_ou
 
 
 def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
-         valid: jnp.ndarray, *, eps: float, num_warps: int = 4, max_block_d: int = 64,
-         interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
+         valid: jnp.ndarray, *, eps: float, num_warps: int = 4, max_block_d: int = 128,
+         block_e: int = 64, interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """One decoding step for a batch.
 
   Args:
@@ -67,6 +78,8 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   """
   b, h, f = q.shape
   d, e = v.shape[-1], state.kv.shape[2]
+  if block_e % f or (f * f) % block_e:
+    raise ValueError(f"block_e={block_e} must be a multiple of F={f} dividing F * F")
   block_d = min(pl.next_power_of_2(d), max_block_d)
 
   def spec(*shape):  # the whole trailing block of one (batch, head)
@@ -77,7 +90,7 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
                         lambda i, j, c: (i, j) + (0,) * (len(shape) - 1) + (c,))
 
   y, kv, ks = pl.pallas_call(
-      functools.partial(_kernel, eps=eps, d=d),
+      functools.partial(_kernel, eps=eps, d=d, block_e=block_e),
       grid=(b, h, pl.cdiv(d, block_d)),
       in_specs=[pl.BlockSpec((None, 1), lambda i, j, c: (i, 0)), spec(f), spec(f),
                 col_spec(block_d), col_spec(e, block_d), spec(e)],
