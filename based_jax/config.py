@@ -130,10 +130,11 @@ PRESETS: dict[str, ModelConfig] = {
     "mqar_based": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
         linear_attention_layers=(1,), la_heads=1, la_feature_dim=16),
-    # The CPU default: a wider feature map (d' 64) recalls more per training step.
+    # The CPU default: a wider feature map (d' 64) and a larger initialisation (std 0.05:
+    # larger q.k from the start sharpen the Taylor weights) recall within a few hundred steps.
     "mqar_based_cpu": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
-        linear_attention_layers=(1,), la_heads=1, la_feature_dim=64),
+        linear_attention_layers=(1,), la_heads=1, la_feature_dim=64, init_std=0.05),
     "mqar_sliding_window": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
         sliding_window_layers=(1,), attn_heads=1, window=64),
