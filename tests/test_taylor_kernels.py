@@ -115,12 +115,13 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
     assert rel(g, g_ref) < tol, name
 
 
-def decode_through_api(impl, tiling):
-  return jax.jit(lambda *a: causal_taylor_attention(*a[:3], state=a[3], lengths=a[4], impl=impl))
+def decode_step(impl, tiling):
+  """The API's decode step, or with a tiling pallas_decode.step's explicit column / row
+  blocks, on [B, 1, H, *] inputs."""
+  if tiling is None:
+    return jax.jit(lambda *a: causal_taylor_attention(*a[:3], state=a[3], lengths=a[4],
+                                                      impl=impl))
 
-
-def decode_with_tiling(impl, tiling):
-  """pallas_decode.step with explicit column / row blocks, on [B, 1, H, *] inputs."""
   def step(q, k, v, state, lengths):
     y, new = pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], state, lengths > 0, eps=1e-6,
                                 interpret=impl == "pallas_interpret", **tiling)
@@ -140,8 +141,7 @@ def test_decode_step_matches_float64(impl, dtype, d, tiling):
   q, k, v, state = random_case(d, b, 1, h, d, dtype, with_state=True)
   lengths = jnp.array([1, 0, 1], jnp.int32)  # row 1 is padding: its state must not move
   poison_device_memory()
-  step = (decode_through_api if tiling is None else decode_with_tiling)(impl, tiling)
-  y, new = step(q, k, v, state, lengths)
+  y, new = decode_step(impl, tiling)(q, k, v, state, lengths)
   y_ref, kv_ref, k_ref = numpy_taylor_attention(
       *(np.asarray(x, np.float32) for x in (q, k, v)), state.kv, state.k)
   tol = TOL[dtype]

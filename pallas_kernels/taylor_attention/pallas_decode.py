@@ -11,7 +11,7 @@ Roofline: memory-bound. Per step and head the floor is one read and one write of
 negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
 112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
 The F * F quadratic rows are loaded and stored `block_e` rows at a time: a [256, 128] float32
-tile spills registers (8x slower), while blocks of 64 rows reach 0.83 of the copy bandwidth at
+tile spills registers (7.5x slower), while blocks of 64 rows reach 0.83 of the copy bandwidth at
 B=1024, H=16, D=112 and 0.77-0.79 at B=256, D=64 (H100; blocks of 64 columns and all 256 rows
 at once, the former tiling: 0.69 and 0.78). See `experiments/bench_decode_step.py`.
 """
