@@ -2,7 +2,7 @@
 gated short convolutions) in functional Flax.
 
 Dimension letters: B batch, T time, S cache slots, D model width, H heads, K head dim,
-F linear-attention feature dim, E Taylor feature width 1 + F + F^2, V vocabulary.
+F linear-attention feature dim, E Taylor feature width 1 + F + F(F+1)/2, V vocabulary.
 """
 
 from based_jax.cache import ModelCache, cache_bytes, init_cache

@@ -2,8 +2,9 @@
 
 Per layer, in float32 values (x4 bytes), at sequence length L:
   full attention 2 D L; sliding window 2 D W; Taylor linear attention H K E + H E with E the
-  feature width (1 + F + F^2, or 1 + F + F(F+1)/2 when the symmetric quadratic terms are
-  merged, as the paper's plots do); short convolution D * taps.
+  feature width (1 + F + F(F+1)/2 with the symmetric quadratic terms merged, as the paper's
+  plots count it and as our decoding state stores it; 1 + F + F^2 for the full outer product);
+  short convolution D * taps.
 `cache.cache_bytes` gives the bytes our decoding cache really holds instead.
 """
 
@@ -38,7 +39,7 @@ def layer_state_values(config: ModelConfig, kind: str, seq_len: int, symmetric: 
   return d * config.conv_kernel
 
 
-def state_size_bytes(config: ModelConfig, seq_len: int, *, symmetric_features: bool = False,
+def state_size_bytes(config: ModelConfig, seq_len: int, *, symmetric_features: bool = True,
                      bytes_per_value: int = 4) -> StateSize:
   """State bytes per layer and in total for sequences of `seq_len` tokens."""
   if seq_len < 1:

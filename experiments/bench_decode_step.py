@@ -3,7 +3,7 @@
   python -m experiments.bench_decode_step --out=experiments/results/decode_step_h100
 
 The step is memory-bound: it must read and write the float32 state (kv [B, H, E, D] and
-k [B, H, E]) once. Each implementation runs jitted with the state donated and fed back, as in
+k [B, H, E], E = 153 in the packed basis) once. Each implementation runs jitted with the state donated and fed back, as in
 the decode loop; the table reports the median time, the achieved bandwidth (state bytes read
 plus written, plus q, k, v, y) and its fraction of the measured device copy bandwidth.
 Defaults are the 360M model's shape at batch 256 (H=16, d'=16, D=64). `--pallas_tilings`
@@ -19,7 +19,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments.benchmarking import copy_bandwidth, median_ms, run_metadata
-from pallas_kernels.taylor_attention import causal_taylor_attention, pallas_decode
+from pallas_kernels.taylor_attention import (causal_taylor_attention, feature_width,
+                                             pallas_decode, taylor_feature_map)
 from pallas_kernels.taylor_attention.state import TaylorState
 
 _B = flags.DEFINE_list("batch_sizes", ["1", "64", "256"], "Batch sizes.")
@@ -43,8 +44,9 @@ def tiled_step(tiling: str):
   warps, block_d, block_e = (int(x) for x in tiling.split(":"))
 
   def attend(q, k, v, s):
-    y, s = pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], s, jnp.ones(q.shape[:1], bool),
-                              eps=1e-6, num_warps=warps, max_block_d=block_d, block_e=block_e)
+    y, s = pallas_decode.step(taylor_feature_map(q[:, 0]), taylor_feature_map(k[:, 0]), v[:, 0],
+                              s, jnp.ones(q.shape[:1], bool), eps=1e-6, num_warps=warps,
+                              max_block_d=block_d, block_e=block_e)
     return y[:, None], s
   return attend
 
@@ -53,7 +55,7 @@ def bench(attend, b, h, f, d, bandwidth):
   r = np.random.default_rng(b + d)
   q, k = (jnp.asarray(r.normal(size=(b, 1, h, f)), jnp.bfloat16) for _ in range(2))
   v = jnp.asarray(r.normal(size=(b, 1, h, d)), jnp.bfloat16)
-  e = 1 + f + f * f
+  e = feature_width(f)
   state = [TaylorState(jnp.asarray(r.normal(size=(b, h, e, d)), jnp.float32),
                        jnp.asarray(r.uniform(1, 2, size=(b, h, e)), jnp.float32))]
   step = jax.jit(attend, donate_argnums=3)
@@ -73,7 +75,8 @@ def main(argv):
   del argv
   bandwidth = copy_bandwidth()
   meta = {**run_metadata("jax-triton", "triton"), "heads": _H.value,
-          "feature_dim": _F.value, "copy_bandwidth_Bps": bandwidth, "input_dtype": "bfloat16",
+          "feature_dim": _F.value, "feature_width": feature_width(_F.value),
+          "copy_bandwidth_Bps": bandwidth, "input_dtype": "bfloat16",
           "state_dtype": "float32"}
   print(f"device {meta['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
   rows = []

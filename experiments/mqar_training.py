@@ -79,8 +79,7 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str,
   eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
 
   writer = MetricWriter(workdir)
-  state_bytes = state_size_bytes(model_config, max(s.seq_len for s in test_slices),
-                                 symmetric_features=True).total
+  state_bytes = state_size_bytes(model_config, max(s.seq_len for s in test_slices)).total
   print(f"model {run.model}: d_model {model_config.d_model}, state {state_bytes:,} bytes; "
         f"{sum(len(d.inputs) for d in train_data):,} training sequences; "
         f"devices: {jax.device_count()}")

@@ -12,8 +12,9 @@ from based_jax.state_size import state_size_bytes
 
 _PRESET = flags.DEFINE_enum("preset", "based_360m", list(preset_names()), "Model preset.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 2048, "Sequence length L the state is counted at.")
-_SYMMETRIC = flags.DEFINE_bool("symmetric", False,
-                               "Count 1 + F + F(F+1)/2 Taylor features (the paper's plots).")
+_SYMMETRIC = flags.DEFINE_bool(
+    "symmetric", True, "Count 1 + F + F(F+1)/2 Taylor features (the paper's plots and our "
+    "stored state); --nosymmetric counts the full 1 + F + F^2.")
 
 
 def summary(preset: str, seq_len: int, symmetric: bool) -> str:

@@ -7,6 +7,7 @@ import pytest
 
 from based_jax import (LanguageModel, SamplingConfig, count_params, generate, get_config,
                        init_cache, init_params, state_size_bytes)
+from based_jax.cache import cache_bytes
 from based_jax.config import ModelConfig
 from based_jax.layers import matrix_dot_general
 from based_jax.sampling import sample_tokens
@@ -115,11 +116,21 @@ def test_released_parameter_counts(preset, expected):
 
 def test_state_size_matches_the_paper_anchor():
   # SPEC section 5: BASED d=128, d'=16 about 8.0e4 bytes; sliding window w=64 about 6.7e4.
-  based = state_size_bytes(get_config("mqar_based"), 256, symmetric_features=True)
+  based = state_size_bytes(get_config("mqar_based"), 256)
   window = state_size_bytes(get_config("mqar_sliding_window"), 256)
   assert abs(based.total / 8.0e4 - 1) < 0.02 and abs(window.total / 6.7e4 - 1) < 0.02
   full = state_size_bytes(get_config("mqar_attention"), 1024)
   assert full.per_layer[1] == ("attention", 4 * 2 * 128 * 1024)
+  unmerged = state_size_bytes(get_config("mqar_based"), 256, symmetric_features=False)
+  assert unmerged.per_layer[1][1] == 4 * (128 * 273 + 273)
+
+
+def test_taylor_decoding_state_holds_what_the_state_size_counts():
+  config = get_config("based_tiny")
+  one_layer = config.replace(n_layers=1, linear_attention_layers=(0,), sliding_window_layers=(),
+                             attention_layers=())
+  counted = state_size_bytes(one_layer, 1).total
+  assert cache_bytes(one_layer, 1, 1) - 4 == counted  # less the [B] int32 length counter
 
 
 BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)

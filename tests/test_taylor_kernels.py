@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.taylor_attention import (api, causal_taylor_attention, pallas_chunked,
-                                             pallas_decode, reference)
+from pallas_kernels.taylor_attention import (api, causal_taylor_attention, feature_width,
+                                             pallas_chunked, pallas_decode, reference,
+                                             taylor_feature_map)
 from pallas_kernels.taylor_attention.state import TaylorState
 from test_taylor_reference import numpy_taylor_attention, rel
 
@@ -24,6 +25,7 @@ CHUNK_IMPLS = ["pallas_interpret", pytest.param("pallas", marks=[pytest.mark.gpu
 DECODE_IMPLS = CHUNK_IMPLS + [pytest.param("triton", marks=[pytest.mark.gpu, gpu])]
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 F = 16
+E = feature_width(F)  # 153, the packed basis
 
 
 def poison_device_memory():
@@ -55,8 +57,8 @@ def float64_truth(q, k, v, state, lengths, cot):
       y, fin = reference.quadratic(q, k, v, state=TaylorState(kv, ks), key_mask=mask)
       return sum(jnp.sum(a * up(c)) for a, c in zip((y, fin.kv, fin.k), cot)), (y, fin)
 
-    s = s or TaylorState(jnp.zeros((q.shape[0], q.shape[2], 1 + F + F * F, v.shape[-1])),
-                         jnp.zeros((q.shape[0], q.shape[2], 1 + F + F * F)))
+    s = s or TaylorState(jnp.zeros((q.shape[0], q.shape[2], E, v.shape[-1])),
+                         jnp.zeros((q.shape[0], q.shape[2], E)))
     grads, (y, fin) = jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(q, k, v, s.kv, s.k)
     return jax.tree.map(np.asarray, (y, fin, grads))
 
@@ -89,8 +91,8 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
   q, k, v, state = random_case(t * 7 + d, b, t, h, d, dtype, with_state)
   lengths = jnp.array([t, max(t // 2, 1)] if ragged else [t, t], jnp.int32)
   r = np.random.default_rng(t)
-  cot = (r.normal(size=v.shape), r.normal(size=(b, h, 1 + F + F * F, d)) * 0.01,
-         r.normal(size=(b, h, 1 + F + F * F)) * 0.01)
+  cot = (r.normal(size=v.shape), r.normal(size=(b, h, E, d)) * 0.01,
+         r.normal(size=(b, h, E)) * 0.01)
 
   def loss(q, k, v, kv, ks):
     st = None if not with_state else TaylorState(kv, ks)
@@ -98,7 +100,7 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
     out = (y, fin.kv, fin.k)
     return sum(jnp.sum(a.astype(jnp.float32) * c) for a, c in zip(out, cot)), out
 
-  zero = TaylorState(jnp.zeros((b, h, 1 + F + F * F, d)), jnp.zeros((b, h, 1 + F + F * F)))
+  zero = TaylorState(jnp.zeros((b, h, E, d)), jnp.zeros((b, h, E)))
   s = state or zero
   poison_device_memory()
   grads, (y, kv, ks) = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
@@ -123,7 +125,8 @@ def decode_step(impl, tiling):
                                                       impl=impl))
 
   def step(q, k, v, state, lengths):
-    y, new = pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], state, lengths > 0, eps=1e-6,
+    y, new = pallas_decode.step(taylor_feature_map(q[:, 0]), taylor_feature_map(k[:, 0]),
+                                v[:, 0], state, lengths > 0, eps=1e-6,
                                 interpret=impl == "pallas_interpret", **tiling)
     return y[:, None], new
   return jax.jit(step)
@@ -178,8 +181,11 @@ def test_kernel_limits_give_clear_errors_or_fall_back():
   assert api._resolve("auto", q, q, v, None) == "xla"  # unsupported F: the fallback
 
 
-def test_decode_step_rejects_a_row_block_that_does_not_tile_the_quadratic_rows():
+def test_decode_row_blocks_tile_the_state_rows():
+  assert pallas_decode.row_blocks(153, 64) == [(0, 64), (64, 64), (128, 16), (144, 8), (152, 1)]
+  assert pallas_decode.row_blocks(153, 256) == [(0, 128), (128, 16), (144, 8), (152, 1)]
   q, k, v, state = random_case(0, 1, 1, 1, 64, jnp.float32, with_state=True)
-  with pytest.raises(ValueError, match="block_e=24"):
-    pallas_decode.step(q[:, 0], k[:, 0], v[:, 0], state, jnp.ones((1,), bool), eps=1e-6,
+  phi = taylor_feature_map(q[:, 0])
+  with pytest.raises(ValueError, match="block_e must be a power of two, got 24"):
+    pallas_decode.step(phi, phi, v[:, 0], state, jnp.ones((1,), bool), eps=1e-6,
                        block_e=24, interpret=True)

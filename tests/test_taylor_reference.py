@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.taylor_attention import api, causal_taylor_attention, feature_width, reference, xla
+from pallas_kernels.taylor_attention import feature_map
 from pallas_kernels.taylor_attention.feature_map import taylor_feature_map
 from pallas_kernels.taylor_attention.state import TaylorState
 
@@ -17,14 +18,16 @@ def numpy_taylor_attention(q, k, v, kv0=None, k0=None):
   b, t, h, f = q.shape
   d = v.shape[-1]
 
-  def phi(x):
-    quad = np.einsum("...i,...j->...ij", x, x).reshape(*x.shape[:-1], f * f)
+  def phi(x):  # [1, x / F^(1/4), x_i x_j w_ij / sqrt(F) for i <= j], w_ii = 1/sqrt(2), else 1
+    quad = [x[..., i] * x[..., j] * (2**-0.5 if i == j else 1.0) / np.sqrt(f)
+            for i in range(f) for j in range(i, f)]
     return np.concatenate([np.ones(x.shape[:-1] + (1,)), x / f**0.25,
-                           quad / (np.sqrt(2) * np.sqrt(f))], axis=-1)
+                           np.stack(quad, axis=-1)], axis=-1)
 
+  e = 1 + f + f * (f + 1) // 2
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  kv = np.zeros((b, h, 1 + f + f * f, d)) if kv0 is None else np.asarray(kv0, np.float64).copy()
-  ks = np.zeros((b, h, 1 + f + f * f)) if k0 is None else np.asarray(k0, np.float64).copy()
+  kv = np.zeros((b, h, e, d)) if kv0 is None else np.asarray(kv0, np.float64).copy()
+  ks = np.zeros((b, h, e)) if k0 is None else np.asarray(k0, np.float64).copy()
   y = np.zeros((b, t, h, d))
   for i in range(t):
     pk, pq = phi(k[:, i]), phi(q[:, i])
@@ -46,13 +49,41 @@ def inputs(seed, b, t, h, f, d, dtype=jnp.float32):
                ((b, t, h, f), (b, t, h, f), (b, t, h, d)))
 
 
+def full_quadratic(x):
+  """The paper's quadratic block: vec(x x^T) / (sqrt(2) sqrt(F)), F^2 terms."""
+  f = x.shape[-1]
+  return np.einsum("...i,...j->...ij", x, x).reshape(*x.shape[:-1], f * f) / np.sqrt(2 * f)
+
+
 def test_feature_map_inner_product_is_taylor_polynomial():
   r = np.random.default_rng(0)
   q, k = r.normal(size=(2, 50, 16))
   s = np.sum(q * k, -1) / 4.0
   got = np.sum(np.asarray(taylor_feature_map(q)) * np.asarray(taylor_feature_map(k)), -1)
   np.testing.assert_allclose(got, 1 + s + s * s / 2, rtol=1e-5)
-  assert feature_width(16) == 273
+  full = 1 + s + np.sum(full_quadratic(q) * full_quadratic(k), -1)  # the paper's 273 features
+  np.testing.assert_allclose(got, full, rtol=1e-5)
+  assert feature_width(16) == 153
+
+
+@pytest.mark.parametrize("f", [1, 4, 16])
+def test_pack_and_unpack_convert_between_the_full_and_packed_bases(f):
+  r = np.random.default_rng(f)
+  with jax.enable_x64(True):
+    x = r.normal(size=(3, f))
+    packed_features = np.asarray(taylor_feature_map(x))[:, 1 + f:]
+    # a state [2, F^2 or F(F+1)/2, 5] built from the features of 3 keys, rows on axis 1
+    values = r.normal(size=(3, 5))
+    full_state = np.einsum("tp,td->pd", full_quadratic(x), values)[None].repeat(2, 0)
+    packed_state = np.einsum("tp,td->pd", packed_features, values)[None].repeat(2, 0)
+    np.testing.assert_allclose(feature_map.pack_quadratic(full_state, f, axis=1), packed_state,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(feature_map.unpack_quadratic(packed_state, f, axis=1), full_state,
+                               rtol=1e-12, atol=1e-12)
+    any_packed = r.normal(size=(2, f * (f + 1) // 2, 5))  # pack(unpack(x)) = x for any x
+    np.testing.assert_allclose(
+        feature_map.pack_quadratic(feature_map.unpack_quadratic(any_packed, f, 1), f, 1),
+        any_packed, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("t", [1, 5, 64, 100])

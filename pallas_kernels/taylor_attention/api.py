@@ -4,7 +4,7 @@ Layout [batch, time, heads, dim]; see `reference.py` for the math and the dimens
 Implementations:
   "xla"               pure JAX, runs on every backend, differentiable by autodiff: the
                       quadratic form up to QUADRATIC_MAX_T tokens, the chunked form (`xla.py`)
-                      beyond, `reference.recurrent_step` for decoding;
+                      beyond, `reference.feature_step` for decoding;
   "pallas"            the Pallas kernels (Triton lowering, GPU): `pallas_chunked.py` with its
                       custom VJP for training and prefill, `pallas_decode.py` for decoding;
   "pallas_interpret"  the same kernels in the Pallas interpreter (any backend; for tests);
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from pallas_kernels.taylor_attention import (pallas_chunked, pallas_decode, reference,
                                              triton_decode, xla)
 from pallas_kernels.taylor_attention.state import TaylorState
-from pallas_kernels.taylor_attention.feature_map import feature_width
+from pallas_kernels.taylor_attention.feature_map import feature_width, taylor_feature_map
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "triton")
 KERNEL_FEATURE_DIMS = (16,)  # F the kernels are built for (tensor-core tiles, on-chip state)
@@ -99,24 +99,24 @@ def _resolve(impl, q, k, v, state) -> str:
   return impl
 
 
-def _reference_step(q, k, v, state, valid, eps):
-  y, new = reference.recurrent_step(q, k, v, state, eps=eps)
+def _reference_step(phi_q, phi_k, v, state, valid, eps):
+  y, new = reference.feature_step(phi_q, phi_k, v, state, eps=eps)
   return y, reference.select_state(valid, new, state)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 6))
-def _kernel_step(step, q, k, v, state, valid, eps):
+def _kernel_step(step, phi_q, phi_k, v, state, valid, eps):
   """A decode-step kernel, differentiable through the reference step (decoding rarely is)."""
-  return step(q, k, v, state, valid, eps=eps)
+  return step(phi_q, phi_k, v, state, valid, eps=eps)
 
 
-def _kernel_step_fwd(step, q, k, v, state, valid, eps):
-  return step(q, k, v, state, valid, eps=eps), (q, k, v, state, valid)
+def _kernel_step_fwd(step, phi_q, phi_k, v, state, valid, eps):
+  return step(phi_q, phi_k, v, state, valid, eps=eps), (phi_q, phi_k, v, state, valid)
 
 
 def _kernel_step_bwd(step, eps, res, cot):
-  q, k, v, state, valid = res
-  _, vjp = jax.vjp(lambda *a: _reference_step(*a, valid, eps), q, k, v, state)
+  phi_q, phi_k, v, state, valid = res
+  _, vjp = jax.vjp(lambda *a: _reference_step(*a, valid, eps), phi_q, phi_k, v, state)
   return (*vjp(cot), None)
 
 
@@ -147,22 +147,21 @@ def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   _check_inputs(q, k, v, state, lengths)
   impl = _resolve(impl, q, k, v, state)
   b, t = q.shape[:2]
+  if t == 1 and state is not None:  # decoding: one step of the recurrence
+    phi_q, phi_k = taylor_feature_map(q[:, 0]), taylor_feature_map(k[:, 0])
+    valid = jnp.ones((b,), bool) if lengths is None else lengths > 0
+    if impl == "xla":
+      y, new = _reference_step(phi_q, phi_k, v[:, 0], state, valid, eps)
+    else:
+      step = (triton_decode.step if impl == "triton" else
+              functools.partial(pallas_decode.step, interpret=impl == "pallas_interpret"))
+      y, new = _kernel_step(step, phi_q, phi_k, v[:, 0], state, valid, eps)
+    return y[:, None], new
   if impl == "xla":
     key_mask = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
-    if t == 1 and state is not None:
-      valid = jnp.ones((b,), bool) if key_mask is None else key_mask[:, 0]
-      y, new = _reference_step(q[:, 0], k[:, 0], v[:, 0], state, valid, eps)
-      return y[:, None], new
     if t <= QUADRATIC_MAX_T:
       return reference.quadratic(q, k, v, state=state, key_mask=key_mask, eps=eps)
     return xla.chunked(q, k, v, state=state, key_mask=key_mask, eps=eps)
-  interpret = impl == "pallas_interpret"
-  if t == 1 and state is not None:
-    valid = jnp.ones((b,), bool) if lengths is None else lengths > 0
-    step = (triton_decode.step if impl == "triton"
-            else functools.partial(pallas_decode.step, interpret=interpret))
-    y, new = _kernel_step(step, q[:, 0], k[:, 0], v[:, 0], state, valid, eps)
-    return y[:, None], new
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
   return pallas_chunked.chunked(q, k, v, reference.initial_state(state, q, v), lengths,
-                                eps=eps, interpret=interpret)
+                                eps=eps, interpret=impl == "pallas_interpret")

@@ -1,8 +1,12 @@
 """Chunked causal Taylor linear attention as Pallas kernels (Triton lowering), with a custom VJP.
 
 Letters as in `reference.py`: B batch, T time, H heads, F feature dim (d' = 16), D value head
-dim, E = 1 + F + F^2; C is the chunk length, P = F^2 the quadratic features, L the segment
-length, S = T / L the number of segments.
+dim; C is the chunk length, P = F^2 the quadratic features, E = 1 + F + P the width of the full
+basis the kernels work in, L the segment length, S = T / L the number of segments.
+
+The kernels keep the full outer product vec(k k^T) (formed in registers, where its duplicate
+terms cost nothing to store and make the products plain reshapes); `chunked` converts the
+state it takes and returns to and from the packed basis of `feature_map.py` (E = 153).
 
 The state. Per (batch, head) the running sums over keys, float32 and on chip:
 
@@ -61,6 +65,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.taylor_attention.feature_map import pack_quadratic, unpack_quadratic
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
@@ -498,7 +503,8 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
 
   Args:
     q, k: [B, T, H, F] (F a power of two); v: [B, T, H, D]; any T, any D.
-    state: the initial state (float32 [B, H, E, D] and [B, H, E]).
+    state: the initial state in the packed basis (float32 [B, H, E', D] and [B, H, E'],
+      E' = `feature_width(F)`).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
     forward, backward: the tilings of the forward and the backward kernels (backward None:
@@ -520,6 +526,14 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
   options = _Options(eps=eps, seg=seg, forward=forward, backward=backward, interpret=interpret)
-  y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(state.kv), state.k,
+  full = TaylorState(*(_change_basis(x, f, unpack_quadratic) for x in state))
+  y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(full.kv), full.k,
                          lengths.astype(jnp.int32).reshape(b, 1), options)
-  return y[:, :t, :, :d], TaylorState(kv[..., :d], ks)
+  return y[:, :t, :, :d], TaylorState(*(_change_basis(x, f, pack_quadratic)
+                                        for x in (kv[..., :d], ks)))
+
+
+def _change_basis(x: jnp.ndarray, f: int, convert) -> jnp.ndarray:
+  """A state [B, H, E, ...] with its quadratic rows (axis 2, after the 1 + F others) converted
+  between the packed basis of `feature_map.py` and the kernels' full F^2 one."""
+  return jnp.concatenate([x[:, :, :1 + f], convert(x[:, :, 1 + f:], f, axis=2)], axis=2)

@@ -4,16 +4,20 @@ Letters as in `reference.py`. For each (batch, head) and block of Dv value colum
 reads the float32 state (kv [E, Dv], k [E]) once, adds phi(k_t) v_t^T and phi(k_t), reads
 out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in place (the state
 buffer is aliased to the output; the small k state is written to a fresh buffer, since
-several column blocks read it). phi is built in registers from the F-wide q_t, k_t.
+several column blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
+`feature_map.taylor_feature_map` (one definition of the packed basis; they are 2 E floats per
+head, against the 2 E (D + 1) of reading and writing the state).
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
-2 * 4 * E * (D + 1) bytes (about 140 KB at F = 16, D = 64); the flops (about 6 E D) are
+2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64); the flops (about 6 E D) are
 negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
 112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
-The F * F quadratic rows are loaded and stored `block_e` rows at a time: a [256, 128] float32
-tile spills registers (7.5x slower), while blocks of 64 rows reach 0.83 of the copy bandwidth at
-B=1024, H=16, D=112 and 0.77-0.79 at B=256, D=64 (H100; blocks of 64 columns and all 256 rows
-at once, the former tiling: 0.69 and 0.78). See `experiments/bench_decode_step.py`.
+The E state rows are loaded and stored `block_e` rows at a time (the remainder in power-of-two
+pieces, E = 153 = 64 + 64 + 16 + 8 + 1): a [256, 128] float32 tile spills registers (7.5x
+slower), while blocks of 64 rows reached 0.83 of the copy bandwidth at B=1024, H=16, D=112 and
+0.77-0.79 at B=256, D=64 (H100, measured with the former full basis, E = 273; blocks of 64
+columns and all 256 quadratic rows at once, the tiling before that: 0.69 and 0.78). See
+`experiments/bench_decode_step.py`.
 """
 
 import functools
@@ -26,31 +30,29 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
-def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *, eps, d,
-            block_e):
-  f = q_ref.shape[0]
-  p = f * f
-  lin, quad = f ** -0.25, 1.0 / (2.0 ** 0.5 * f ** 0.5)
+def row_blocks(e: int, block_e: int) -> list[tuple[int, int]]:
+  """(start, size) of the row blocks covering E rows: size block_e, then powers of two."""
+  if block_e < 1 or block_e & (block_e - 1):
+    raise ValueError(f"block_e must be a power of two, got {block_e}")
+  blocks, start = [], 0
+  while start < e:
+    size = min(block_e, 1 << ((e - start).bit_length() - 1))
+    blocks.append((start, size))
+    start += size
+  return blocks
+
+
+def _kernel(valid_ref, phi_q_ref, phi_k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *,
+            eps, d, block_e):
   block_d = v_ref.shape[0]
   col_ok = pl.program_id(2) * block_d + jnp.arange(block_d) < d  # block may overhang D
   valid = valid_ref[0].astype(jnp.float32)
-  q, k = q_ref[...].astype(jnp.float32), k_ref[...].astype(jnp.float32)
   v = plt.load(v_ref, mask=col_ok, other=0.0).astype(jnp.float32) * valid
-  ql, kl = q * lin, k * lin * valid
-
-  def outer_rows(ref, x, i, scale):  # rows i .. i + block_e of the flattened x x^T
-    head = ref[pl.ds(i // f, block_e // f)].astype(jnp.float32)
-    return (head[:, None] * x[None, :]).reshape(block_e) * scale
-
-  sections = [(0, 1, jnp.ones((1,), jnp.float32), valid * jnp.ones((1,), jnp.float32)),
-              (1, f, ql, kl)]
-  # The f * f quadratic rows go in blocks of block_e rows, bounding the registers of a load.
-  sections += [(1 + f + i, block_e, outer_rows(q_ref, q, i, quad),
-                outer_rows(k_ref, k, i, quad * valid)) for i in range(0, p, block_e)]
   num = jnp.zeros(v.shape, jnp.float32)
   den = jnp.zeros((), jnp.float32)
-  for start, size, phi_q, phi_k in sections:
+  for start, size in row_blocks(phi_q_ref.shape[0], block_e):
     rows = pl.ds(start, size)
+    phi_q, phi_k = phi_q_ref[rows], phi_k_ref[rows] * valid
     kv = plt.load(kv_ref.at[rows, :], mask=col_ok[None, :], other=0.0) + phi_k[:, None] * v[None, :]
     ks = ks_ref[rows] + phi_k
     plt.store(kv_out.at[rows, :], kv, mask=col_ok[None, :])
@@ -64,22 +66,22 @@ def _kernel(valid_ref, q_ref, k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_ou
   plt.store(y_ref, (num / (den + eps)).astype(y_ref.dtype), mask=col_ok)
 
 
-def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
+def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
          valid: jnp.ndarray, *, eps: float, num_warps: int = 4, max_block_d: int = 128,
          block_e: int = 64, interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """One decoding step for a batch.
 
   Args:
-    q, k: [B, H, F]; v: [B, H, D]; state: float32 [B, H, E, D] and [B, H, E].
+    phi_q, phi_k: float32 [B, H, E] features of q_t, k_t; v: [B, H, D];
+    state: float32 [B, H, E, D] and [B, H, E].
     valid: [B] bool; rows that are False leave their state unchanged (padding).
 
   Returns:
     y [B, H, D] in v's dtype and the updated state (written in place when donated).
   """
-  b, h, f = q.shape
-  d, e = v.shape[-1], state.kv.shape[2]
-  if block_e % f or (f * f) % block_e:
-    raise ValueError(f"block_e={block_e} must be a multiple of F={f} dividing F * F")
+  b, h, e = phi_q.shape
+  d = v.shape[-1]
+  row_blocks(e, block_e)  # validates block_e
   block_d = min(pl.next_power_of_2(d), max_block_d)
 
   def spec(*shape):  # the whole trailing block of one (batch, head)
@@ -92,7 +94,7 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   y, kv, ks = pl.pallas_call(
       functools.partial(_kernel, eps=eps, d=d, block_e=block_e),
       grid=(b, h, pl.cdiv(d, block_d)),
-      in_specs=[pl.BlockSpec((None, 1), lambda i, j, c: (i, 0)), spec(f), spec(f),
+      in_specs=[pl.BlockSpec((None, 1), lambda i, j, c: (i, 0)), spec(e), spec(e),
                 col_spec(block_d), col_spec(e, block_d), spec(e)],
       out_specs=[col_spec(block_d), col_spec(e, block_d), spec(e)],
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -102,5 +104,5 @@ def step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="taylor_attention_decode",
-  )(valid.astype(jnp.int32).reshape(b, 1), q, k, v, state.kv, state.k)
+  )(valid.astype(jnp.int32).reshape(b, 1), phi_q, phi_k, v, state.kv, state.k)
   return y, TaylorState(kv, ks)

@@ -1,7 +1,7 @@
 """Plain-JAX truth for causal Taylor linear attention: the quadratic and the recurrent forms.
 
 Dimension letters: B batch, T time, H heads, F query/key feature dim (d'), D value head dim,
-E = 1 + F + F^2 the Taylor feature width.
+E = 1 + F + F(F+1)/2 the Taylor feature width (`feature_map.py`).
 
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 
@@ -90,8 +90,12 @@ def recurrent_step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: Taylor
   Returns:
     y: [B, H, D] in v's dtype, and the updated state.
   """
-  phi_q = taylor_feature_map(q)
-  phi_k = taylor_feature_map(k)
+  return feature_step(taylor_feature_map(q), taylor_feature_map(k), v, state, eps=eps)
+
+
+def feature_step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorState, *,
+                 eps: float = 1e-6) -> tuple[jnp.ndarray, TaylorState]:
+  """`recurrent_step` given the features phi_q, phi_k [B, H, E] (the decode kernels' contract)."""
   vf = v.astype(compute_dtype(v.dtype))
   kv = state.kv + phi_k[..., :, None] * vf[..., None, :]
   ks = state.k + phi_k

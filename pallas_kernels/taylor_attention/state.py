@@ -10,7 +10,7 @@ from pallas_kernels.taylor_attention.feature_map import feature_width
 class TaylorState(NamedTuple):
   """Running sums over the keys seen so far, per head, always float32.
 
-  Shapes use B = batch, H = heads, E = feature width 1 + F + F^2, D = value head dim.
+  Shapes use B = batch, H = heads, E = feature width 1 + F + F(F+1)/2, D = value head dim.
   """
   kv: jnp.ndarray  # [B, H, E, D]: sum_j phi(k_j) v_j^T, the numerator state.
   k: jnp.ndarray  # [B, H, E]: sum_j phi(k_j), the normaliser state.
