@@ -30,6 +30,9 @@ class ModelConfig:
   la_heads: int = 16  # linear-attention heads; value head dim is d_model / la_heads.
   la_feature_dim: int = 16  # d', query/key width per head before the Taylor feature map.
   la_eps: float = 1e-6  # added to the linear-attention normaliser.
+  # Storage dtype of the decoding state's numerator (kv sums): "bfloat16" halves the bytes a
+  # decode step moves; math stays float32 and the normaliser float32 (pallas_kernels state.py).
+  la_state_dtype: str = "float32"
   attn_heads: int = 16  # heads of sliding-window and full attention (head dim d_model / heads).
   window: int = 128  # sliding window lookback: each query sees itself and `window` earlier tokens.
   conv_kernel: int = 3  # taps of the BaseConv causal depthwise convolution.
@@ -58,7 +61,7 @@ class ModelConfig:
       raise ValueError(f"window must be >= 1, got {self.window}")
     if self.la_eps < 0 or self.norm_eps <= 0:
       raise ValueError(f"la_eps must be >= 0 and norm_eps > 0, got {self.la_eps}, {self.norm_eps}")
-    for name in ("dtype", "param_dtype"):
+    for name in ("dtype", "param_dtype", "la_state_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
     for name in ("attention_impl", "attention_decode_impl"):

@@ -2,9 +2,10 @@
 
   python -m experiments.bench_decode_step --out=experiments/results/decode_step_h100
 
-The step is memory-bound: it must read and write the float32 state (kv [B, H, E, D] and
-k [B, H, E], E = 153 in the packed basis) once. Each implementation runs jitted with the state donated and fed back, as in
-the decode loop; the table reports the median time, the achieved bandwidth (state bytes read
+The step is memory-bound: it must read and write the state (kv [B, H, E, D] in float32 or,
+with --state_dtype=bfloat16, bf16, and float32 k [B, H, E]; E = 153 in the packed basis)
+once. Each implementation runs jitted with the state donated and fed back, as in the decode
+loop; the table reports the median time, the achieved bandwidth (state bytes read
 plus written, plus q, k, v, y) and its fraction of the measured device copy bandwidth.
 Defaults are the 360M model's shape at batch 256 (H=16, d'=16, D=64). `--pallas_tilings`
 adds the Pallas kernel at explicit tilings (how its defaults were chosen).
@@ -21,7 +22,7 @@ from absl import app, flags
 from experiments.benchmarking import copy_bandwidth, median_ms, run_metadata
 from pallas_kernels.taylor_attention import (causal_taylor_attention, feature_width,
                                              pallas_decode, taylor_feature_map)
-from pallas_kernels.taylor_attention.state import TaylorState
+from pallas_kernels.taylor_attention.state import STATE_DTYPES, TaylorState
 
 _B = flags.DEFINE_list("batch_sizes", ["1", "64", "256"], "Batch sizes.")
 _H = flags.DEFINE_integer("heads", 16, "Heads.")
@@ -31,6 +32,8 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas", "triton", "xla"], "What to time."
 _TILINGS = flags.DEFINE_list(
     "pallas_tilings", [], "Also time the Pallas kernel directly with these tilings, each "
     "num_warps:max_block_d:block_e (e.g. 4:128:64; see pallas_decode.step).")
+_STATE_DTYPE = flags.DEFINE_enum("state_dtype", "float32", list(STATE_DTYPES),
+                                  "Storage dtype of the numerator state kv (k stays float32).")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", "experiments/results/decode_step", "Output path prefix.")
 
@@ -56,7 +59,7 @@ def bench(attend, b, h, f, d, bandwidth):
   q, k = (jnp.asarray(r.normal(size=(b, 1, h, f)), jnp.bfloat16) for _ in range(2))
   v = jnp.asarray(r.normal(size=(b, 1, h, d)), jnp.bfloat16)
   e = feature_width(f)
-  state = [TaylorState(jnp.asarray(r.normal(size=(b, h, e, d)), jnp.float32),
+  state = [TaylorState(jnp.asarray(r.normal(size=(b, h, e, d)), _STATE_DTYPE.value),
                        jnp.asarray(r.uniform(1, 2, size=(b, h, e)), jnp.float32))]
   step = jax.jit(attend, donate_argnums=3)
 
@@ -65,7 +68,8 @@ def bench(attend, b, h, f, d, bandwidth):
     return y
 
   timing = median_ms(call, jax.block_until_ready, repeats=_REPEATS.value, inner=10)
-  moved = 2 * 4 * b * h * e * (d + 1) + 2 * (2 * b * h * f + 2 * b * h * d)
+  kv_bytes = jnp.dtype(_STATE_DTYPE.value).itemsize
+  moved = 2 * b * h * e * (kv_bytes * d + 4) + 2 * (2 * b * h * f + 2 * b * h * d)
   achieved = moved / (timing["median_ms"] / 1e3)
   return {**timing, "bytes": moved, "achieved_Bps": achieved,
           "fraction_of_copy_bw": achieved / bandwidth}
@@ -77,7 +81,7 @@ def main(argv):
   meta = {**run_metadata("jax-triton", "triton"), "heads": _H.value,
           "feature_dim": _F.value, "feature_width": feature_width(_F.value),
           "copy_bandwidth_Bps": bandwidth, "input_dtype": "bfloat16",
-          "state_dtype": "float32"}
+          "state_dtype": {"kv": _STATE_DTYPE.value, "k": "float32"}}
   print(f"device {meta['device']}: copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
   rows = []
   for d in (int(x) for x in _DV.value):

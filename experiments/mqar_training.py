@@ -42,6 +42,17 @@ def evaluate(eval_step, params, test_slices, test_sets, batch_size: int,
   return results
 
 
+def reached_target(workdir: str, step: int, target: float) -> bool:
+  """Whether the run in `workdir` stopped at `step` because its test mean reached `target`
+  (its results.json says so); a missing or unreadable file means no."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      summary = json.load(f)
+    return summary["step"] == step and summary["test/mean"] >= target
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+
+
 def train(run: RunConfig, model_config: ModelConfig, workdir: str,
           steps_this_run: Optional[int] = None) -> tuple[dict[str, float], step_lib.TrainState]:
   """Trains (or resumes) and returns the final test metrics and train state.
@@ -84,10 +95,15 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str,
         f"{sum(len(d.inputs) for d in train_data):,} training sequences; "
         f"devices: {jax.device_count()}")
   start = int(state.step)
+  last = run.optimizer.total_steps
+  if reached_target(workdir, start, run.target_accuracy):
+    print(f"step {start} already reached the target accuracy {run.target_accuracy} "
+          f"({os.path.join(workdir, 'results.json')}): nothing to train")
+    last = start
   results: dict[str, float] = {}
   bar = tqdm.tqdm(total=run.optimizer.total_steps, initial=start, unit="step", dynamic_ncols=True)
   tokens, tick = 0, time.perf_counter()
-  for step in range(start + 1, run.optimizer.total_steps + 1):
+  for step in range(start + 1, last + 1):
     batch = jax.device_put(next(iterator), sharding.batch_sharding(mesh))
     state, metrics = train_step(state, batch, max_labels[batch["inputs"].shape[1]])
     tokens += batch["inputs"].size
@@ -114,7 +130,7 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str,
   checkpointer.wait()
   checkpointer.close()
   writer.close()
-  if not results:  # resumed a finished run
+  if not results:  # resumed a finished run (all steps done, or the target reached)
     results = evaluate(eval_step, state.params, test_slices, test_sets, run.batch_size, mesh)
   summary = {"step": int(state.step), "state_bytes": state_bytes, **results}
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -4,7 +4,8 @@
   python -m experiments.train --model=mqar_sliding_window --model_set=window=64
   python -m experiments.train --run=mqar_paper --learning_rate=3.2e-3 --workdir=runs/paper
 
-Rerunning the same command resumes from the last checkpoint in --workdir. Every run field has
+Rerunning the same command resumes from the last checkpoint in --workdir (a run that reached
+its --target_accuracy is complete and only re-evaluates). Every run field has
 a flag (--batch_size, --learning_rate, ...) that overrides the --run preset; model fields are
 changed with --model_set field=value (repeatable).
 """

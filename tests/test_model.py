@@ -11,6 +11,7 @@ from based_jax.cache import cache_bytes
 from based_jax.config import ModelConfig
 from based_jax.layers import matrix_dot_general
 from based_jax.sampling import sample_tokens
+from pallas_kernels.taylor_attention import TaylorState
 
 PRESETS = ["based_tiny", "transformer_pp_tiny"]
 
@@ -99,6 +100,23 @@ def test_top_k_and_top_p_filter_the_right_tokens():
   assert set(np.unique(full).tolist()) == {0, 1, 2, 3}
 
 
+def test_bf16_taylor_state_decodes_close_to_the_full_forward():
+  config = get_config("based_tiny", init_std=0.1, la_state_dtype="bfloat16")
+  params, model = init_params(config, seed=2), LanguageModel(config)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 40)))
+  cache = init_cache(config, 2, max_len=40)
+  taylor = [c for c in cache.layers if isinstance(c, TaylorState)]
+  assert taylor and all(c.kv.dtype == jnp.bfloat16 and c.k.dtype == jnp.float32 for c in taylor)
+  _, cache = model.apply(params, tokens[:, :10], cache=cache)
+  decoded = []
+  for t in range(10, 40):
+    logits, cache = model.apply(params, tokens[:, t:t + 1], cache=cache)
+    decoded.append(logits[:, 0])
+  full, _ = model.apply(params, tokens)
+  err = rel(jnp.stack(decoded, 1), full[:, 10:])
+  assert 0 < err < 1e-2  # bf16 rounding of the stored sums only (float32 state: < 1e-5)
+
+
 def test_bfloat16_compute_runs_with_float32_residual():
   config = get_config("based_tiny", dtype="bfloat16")
   params = init_params(config)
@@ -144,6 +162,7 @@ BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)
     (dict(linear_attention_layers=(-1,)), "linear_attention_layers"),
     (dict(window=0), "window"),
     (dict(la_feature_dim=0), "la_feature_dim"),
+    (dict(la_state_dtype="float16"), "la_state_dtype"),
     (dict(d_model=0), "d_model"),
     (dict(dtype="float16"), "dtype"),
     (dict(attention_impl="flash"), "attention_impl"),

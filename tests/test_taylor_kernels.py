@@ -156,6 +156,40 @@ def test_decode_step_matches_float64(impl, dtype, d, tiling):
   assert np.array_equal(np.asarray(new.k)[~live], np.asarray(state.k)[~live])
 
 
+def assert_bf16_close(got, want):
+  """bf16 arrays at most one rounding apart (float32 sums in another order may round across)."""
+  assert got.dtype == want.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", DECODE_IMPLS)
+@pytest.mark.parametrize("d", [64, 112])
+def test_decode_step_with_bf16_kv_state_matches_the_reference(impl, d):
+  q, k, v, state = random_case(d + 1, 3, 1, 2, d, jnp.float32, with_state=True)
+  state = state._replace(kv=state.kv.astype(jnp.bfloat16))
+  lengths = jnp.array([1, 0, 1], jnp.int32)
+  poison_device_memory()
+  y, new = decode_step(impl, None)(q, k, v, state, lengths)
+  y_ref, new_ref = causal_taylor_attention(q, k, v, state=state, lengths=lengths, impl="xla")
+  live = np.asarray(lengths) > 0
+  assert rel(np.asarray(y)[live], np.asarray(y_ref)[live]) < 1e-5
+  assert_bf16_close(new.kv, new_ref.kv)
+  np.testing.assert_array_equal(np.asarray(new.kv)[~live], np.asarray(state.kv)[~live])
+  assert rel(new.k, new_ref.k) < 1e-6
+
+
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+def test_chunked_kernel_takes_and_returns_a_bf16_kv_state(impl):
+  q, k, v, state = random_case(5, 2, 70, 2, 64, jnp.float32, with_state=True)
+  state = state._replace(kv=state.kv.astype(jnp.bfloat16))
+  y, new = causal_taylor_attention(q, k, v, state=state, impl=impl)
+  y_ref, new_ref = causal_taylor_attention(q, k, v, state=state, impl="xla")
+  assert rel(y, y_ref) < 1e-4
+  assert_bf16_close(new.kv, new_ref.kv)
+  assert rel(new.k, new_ref.k) < 1e-5
+
+
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
 def test_prefill_then_decode_continues_the_sequence(impl):
   q, k, v, _ = random_case(3, 2, 40, 2, 64, jnp.float32, with_state=False)

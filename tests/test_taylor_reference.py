@@ -186,3 +186,59 @@ def test_bad_inputs_raise_clear_errors(bad, match):
   q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
   with pytest.raises(ValueError, match=match):
     causal_taylor_attention(q, k, v, **args)
+
+
+def bf16_kv(state):
+  return state._replace(kv=state.kv.astype(jnp.bfloat16))
+
+
+def test_bf16_kv_state_is_float32_math_rounded_once_per_update():
+  q, k, v = inputs(11, 2, 1, 3, 16, 8)
+  _, state = reference.quadratic(*inputs(12, 2, 40, 3, 16, 8))
+  stored = bf16_kv(state)
+  as_f32 = stored._replace(kv=stored.kv.astype(jnp.float32))  # the same values, in float32
+  y, new = causal_taylor_attention(q, k, v, state=stored, impl="xla")
+  y_ref, new_ref = causal_taylor_attention(q, k, v, state=as_f32, impl="xla")
+  assert new.kv.dtype == jnp.bfloat16 and new.k.dtype == jnp.float32
+  np.testing.assert_array_equal(y, y_ref)  # read out before the rounding
+  np.testing.assert_array_equal(new.kv, new_ref.kv.astype(jnp.bfloat16))
+  np.testing.assert_array_equal(new.k, new_ref.k)
+
+
+@pytest.mark.parametrize("form", ["quadratic", "chunked"])
+def test_bf16_kv_state_prefill_rounds_only_the_final_state(form):
+  q, k, v = inputs(13, 2, 100, 2, 16, 8)
+  _, state = reference.quadratic(*inputs(14, 2, 30, 2, 16, 8))
+  fn = {"quadratic": reference.quadratic,
+        "chunked": lambda *a, **kw: xla.chunked(*a, chunk_size=16, **kw)}[form]
+  stored = bf16_kv(state)
+  y, new = fn(q, k, v, state=stored)
+  y_ref, new_ref = fn(q, k, v, state=stored._replace(kv=stored.kv.astype(jnp.float32)))
+  assert new.kv.dtype == jnp.bfloat16
+  assert rel(y, y_ref) < 1e-6
+  np.testing.assert_allclose(np.asarray(new.kv, np.float32),
+                             np.asarray(new_ref.kv.astype(jnp.bfloat16), np.float32),
+                             rtol=2**-7, atol=1e-6)  # at most an ulp apart (summation order)
+
+
+def test_bf16_kv_state_decoding_error_stays_small_over_300_tokens():
+  q, k, v = inputs(15, 2, 300, 2, 16, 32)
+  start = bf16_kv(reference.zero_state(2, 2, 16, 32))
+  y, final = reference.recurrent(q, k, v, state=start)
+  y_ref, kv_ref, k_ref = numpy_taylor_attention(q, k, v)
+  assert final.kv.dtype == jnp.bfloat16
+  # One rounding (relative 2^-9) per update, accumulating like a random walk: about
+  # 2^-9 sqrt(300) = 3.4e-2 on the state after 300 tokens (measured 2.0e-2; outputs 7e-3).
+  assert rel(y, y_ref) < 2e-2 and rel(final.kv, kv_ref) < 5e-2
+  assert rel(final.k, k_ref) < 1e-5  # the normaliser stays float32
+
+
+def test_bad_state_dtypes_are_refused():
+  q, k, v = inputs(16, 1, 1, 1, 16, 8)
+  state = reference.zero_state(1, 1, 16, 8)
+  with pytest.raises(ValueError, match="normaliser.*float32"):
+    causal_taylor_attention(q, k, v, state=state._replace(k=state.k.astype(jnp.bfloat16)))
+  with pytest.raises(ValueError, match="state.kv must be float32 or bfloat16"):
+    causal_taylor_attention(q, k, v, state=state._replace(kv=state.kv.astype(jnp.float16)))
+  with pytest.raises(ValueError, match="kv_dtype"):
+    reference.zero_state(1, 1, 16, 8, kv_dtype="float16")

@@ -17,9 +17,9 @@ from pallas_kernels.taylor_attention import TaylorState, causal_taylor_attention
 
 
 def init_linear_attention_cache(config: ModelConfig, batch: int) -> TaylorState:
-  """Zero state: [B, H, E, K] and [B, H, E] float32."""
+  """Zero state: [B, H, E, K] in config.la_state_dtype and [B, H, E] float32."""
   return zero_state(batch, config.la_heads, config.la_feature_dim,
-                    config.d_model // config.la_heads)
+                    config.d_model // config.la_heads, kv_dtype=config.la_state_dtype)
 
 
 class TaylorLinearAttention(nn.Module):

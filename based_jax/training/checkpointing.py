@@ -58,7 +58,8 @@ class Checkpointer:
     if saved is None:
       return
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(config))
-    diffs = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    # Keys only the checkpoint has (fields since dropped from the comparison) do not matter.
+    diffs = sorted(k for k in current if saved.get(k) != current[k])
     if diffs:
       detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
       raise ValueError(f"checkpoints in {self._manager.directory} come from an incompatible "

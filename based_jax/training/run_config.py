@@ -35,15 +35,23 @@ class RunConfig:
     return dataclasses.replace(self, **changes)
 
   def to_json(self, model_config: ModelConfig) -> dict:
-    """What a checkpoint must agree with to be resumed (the schedule length may change)."""
+    """What a checkpoint must agree with to be resumed (the schedule length may change, and
+    the model's MODEL_RUNTIME_FIELDS)."""
     run = dataclasses.asdict(self)
     opt = run.pop("optimizer")
     for transient in ("eval_every", "log_every", "checkpoint_every", "keep_checkpoints",
                       "target_accuracy"):
       run.pop(transient)
     opt.pop("total_steps")
-    return {**run, **{f"optimizer.{k}": v for k, v in opt.items()},
-            **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()}}
+    model = {f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()
+             if k not in MODEL_RUNTIME_FIELDS}
+    return {**run, **{f"optimizer.{k}": v for k, v in opt.items()}, **model}
+
+
+# Model fields that choose how the same function is computed, or how decoding stores its state:
+# a checkpoint resumes under other values.
+MODEL_RUNTIME_FIELDS = ("linear_attention_impl", "attention_impl", "attention_decode_impl",
+                        "la_state_dtype")
 
 
 RUN_PRESETS: dict[str, RunConfig] = {

@@ -54,6 +54,10 @@ def _check_inputs(q, k, v, state, lengths):
     if state.kv.shape != want_kv or state.k.shape != want_kv[:3]:
       raise ValueError(f"state shapes {state.kv.shape}, {state.k.shape} do not match "
                        f"expected {want_kv}, {want_kv[:3]}")
+    if state.kv.dtype not in (jnp.float32, jnp.bfloat16, jnp.float64):
+      raise ValueError(f"state.kv must be float32 or bfloat16, got {state.kv.dtype}")
+    if state.k.dtype not in (jnp.float32, jnp.float64):
+      raise ValueError(f"state.k (the normaliser) must be float32, got {state.k.dtype}")
   if lengths is not None and (lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer)):
     raise ValueError(f"lengths must be an integer array of shape ({b},), got "
                      f"{lengths.shape} {lengths.dtype}")
@@ -69,8 +73,10 @@ def kernel_limits(q, k, v, state) -> Optional[str]:
   if len({q.dtype, k.dtype, v.dtype}) != 1 or q.dtype not in KERNEL_DTYPES:
     return (f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype} (kernels need one dtype of "
             f"{[jnp.dtype(t).name for t in KERNEL_DTYPES]})")
-  if state is not None and (state.kv.dtype != jnp.float32 or state.k.dtype != jnp.float32):
-    return f"state dtypes {state.kv.dtype}, {state.k.dtype} (kernels keep float32 state)"
+  if state is not None and (state.kv.dtype not in (jnp.float32, jnp.bfloat16)
+                            or state.k.dtype != jnp.float32):
+    return (f"state dtypes {state.kv.dtype}, {state.k.dtype} (kernels take a float32 or "
+            "bfloat16 kv and a float32 k)")
   return None
 
 

@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels.taylor_attention.feature_map import pack_quadratic, unpack_quadratic
-from pallas_kernels.taylor_attention.state import TaylorState
+from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stored_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -503,8 +503,8 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
 
   Args:
     q, k: [B, T, H, F] (F a power of two); v: [B, T, H, D]; any T, any D.
-    state: the initial state in the packed basis (float32 [B, H, E', D] and [B, H, E'],
-      E' = `feature_width(F)`).
+    state: the initial state in the packed basis ([B, H, E', D] float32 or bf16 and float32
+      [B, H, E'], E' = `feature_width(F)`).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
     forward, backward: the tilings of the forward and the backward kernels (backward None:
@@ -526,11 +526,11 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
   options = _Options(eps=eps, seg=seg, forward=forward, backward=backward, interpret=interpret)
-  full = TaylorState(*(_change_basis(x, f, unpack_quadratic) for x in state))
+  full = TaylorState(*(_change_basis(x, f, unpack_quadratic) for x in for_compute(state)))
   y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(full.kv), full.k,
                          lengths.astype(jnp.int32).reshape(b, 1), options)
-  return y[:, :t, :, :d], TaylorState(*(_change_basis(x, f, pack_quadratic)
-                                        for x in (kv[..., :d], ks)))
+  final = TaylorState(*(_change_basis(x, f, pack_quadratic) for x in (kv[..., :d], ks)))
+  return y[:, :t, :, :d], stored_like(final, state)
 
 
 def _change_basis(x: jnp.ndarray, f: int, convert) -> jnp.ndarray:

@@ -9,7 +9,7 @@ several column blocks read it). The features phi(q_t), phi(k_t) [E] come in prec
 head, against the 2 E (D + 1) of reading and writing the state).
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
-2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64); the flops (about 6 E D) are
+2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv halves it); the flops (about 6 E D) are
 negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
 112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
 The E state rows are loaded and stored `block_e` rows at a time (the remainder in power-of-two
@@ -53,9 +53,10 @@ def _kernel(valid_ref, phi_q_ref, phi_k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_ou
   for start, size in row_blocks(phi_q_ref.shape[0], block_e):
     rows = pl.ds(start, size)
     phi_q, phi_k = phi_q_ref[rows], phi_k_ref[rows] * valid
-    kv = plt.load(kv_ref.at[rows, :], mask=col_ok[None, :], other=0.0) + phi_k[:, None] * v[None, :]
+    kv = plt.load(kv_ref.at[rows, :], mask=col_ok[None, :], other=0.0).astype(jnp.float32)
+    kv += phi_k[:, None] * v[None, :]
     ks = ks_ref[rows] + phi_k
-    plt.store(kv_out.at[rows, :], kv, mask=col_ok[None, :])
+    plt.store(kv_out.at[rows, :], kv.astype(kv_out.dtype), mask=col_ok[None, :])
     num += jnp.sum(phi_q[:, None] * kv, axis=0)
     den += jnp.sum(phi_q * ks)
 
@@ -73,7 +74,8 @@ def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorSt
 
   Args:
     phi_q, phi_k: float32 [B, H, E] features of q_t, k_t; v: [B, H, D];
-    state: float32 [B, H, E, D] and [B, H, E].
+    state: [B, H, E, D] float32 or bfloat16 (updated in float32, rounded when stored) and
+      float32 [B, H, E].
     valid: [B] bool; rows that are False leave their state unchanged (padding).
 
   Returns:
@@ -98,7 +100,7 @@ def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorSt
                 col_spec(block_d), col_spec(e, block_d), spec(e)],
       out_specs=[col_spec(block_d), col_spec(e, block_d), spec(e)],
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(state.kv.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(state.kv.shape, state.kv.dtype),
                  jax.ShapeDtypeStruct(state.k.shape, jnp.float32)],
       input_output_aliases={4: 1},
       compiler_params=plt.CompilerParams(num_warps=num_warps, num_stages=1),

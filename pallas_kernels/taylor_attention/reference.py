@@ -6,7 +6,8 @@ E = 1 + F + F(F+1)/2 the Taylor feature width (`feature_map.py`).
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 
 Everything is computed in at least float32 (`compute_dtype`): the normaliser grows like O(T)
-and a bf16 copy of it loses the answer. Float64 inputs (under jax x64) are computed in
+and a bf16 copy of it loses the answer. A state whose kv is stored in bf16 (`state.py`) is read
+in float32 and its updated kv rounded once, on return. Float64 inputs (under jax x64) are computed in
 float64, which is how the tests get their truth (float32 einsums on a GPU follow JAX's
 default matmul precision, TF32, so a float32 run of this module there is not IEEE). Keys
 whose `key_mask` is False contribute nothing, neither to outputs nor to the returned state
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.taylor_attention.feature_map import (compute_dtype, taylor_feature_map,
                                                          taylor_kernel)
-from pallas_kernels.taylor_attention.state import TaylorState, zero_state
+from pallas_kernels.taylor_attention.state import TaylorState, stored_like, zero_state
 
 
 def initial_state(state: Optional[TaylorState], q: jnp.ndarray, v: jnp.ndarray) -> TaylorState:
@@ -69,7 +70,7 @@ def quadratic(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
       kv=state.kv + jnp.einsum("bthe,bthd->bhed", phi_k, vf),
       k=state.k + jnp.einsum("bthe->bhe", phi_k),
   )
-  return y.astype(v.dtype), new_state
+  return y.astype(v.dtype), stored_like(new_state, state)
 
 
 def select_state(valid: jnp.ndarray, new: TaylorState, old: TaylorState) -> TaylorState:
@@ -97,11 +98,12 @@ def feature_step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: 
                  eps: float = 1e-6) -> tuple[jnp.ndarray, TaylorState]:
   """`recurrent_step` given the features phi_q, phi_k [B, H, E] (the decode kernels' contract)."""
   vf = v.astype(compute_dtype(v.dtype))
-  kv = state.kv + phi_k[..., :, None] * vf[..., None, :]
+  kv = state.kv + phi_k[..., :, None] * vf[..., None, :]  # float32 even for a bf16 state.kv
   ks = state.k + phi_k
   num = jnp.einsum("bhe,bhed->bhd", phi_q, kv)
   den = jnp.einsum("bhe,bhe->bh", phi_q, ks)
-  return (num / (den[..., None] + eps)).astype(v.dtype), TaylorState(kv, ks)
+  y = (num / (den[..., None] + eps)).astype(v.dtype)
+  return y, stored_like(TaylorState(kv, ks), state)
 
 
 def recurrent(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,

@@ -4,22 +4,43 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from pallas_kernels.taylor_attention.feature_map import feature_width
+from pallas_kernels.taylor_attention.feature_map import compute_dtype, feature_width
 
 
 class TaylorState(NamedTuple):
-  """Running sums over the keys seen so far, per head, always float32.
+  """Running sums over the keys seen so far, per head.
 
   Shapes use B = batch, H = heads, E = feature width 1 + F + F(F+1)/2, D = value head dim.
+  The normaliser k is always float32: it grows like the token count, and a bf16 copy stops
+  counting (measured: 8e-2 logit error at 1024 tokens, experiments/state_precision.py). The
+  numerator kv is stored in float32 or bfloat16 (`STATE_DTYPES`); a bf16 kv halves the bytes a
+  decoding step moves. All arithmetic is float32: a bf16 kv is rounded once per update, when
+  it is stored, and outputs are read out before that rounding.
   """
   kv: jnp.ndarray  # [B, H, E, D]: sum_j phi(k_j) v_j^T, the numerator state.
   k: jnp.ndarray  # [B, H, E]: sum_j phi(k_j), the normaliser state.
 
 
-def zero_state(batch: int, heads: int, feature_dim: int, value_dim: int) -> TaylorState:
+STATE_DTYPES = ("float32", "bfloat16")  # storage dtypes of kv
+
+
+def zero_state(batch: int, heads: int, feature_dim: int, value_dim: int,
+               kv_dtype: str = "float32") -> TaylorState:
   """The state before any token."""
+  if kv_dtype not in STATE_DTYPES:
+    raise ValueError(f"kv_dtype must be one of {STATE_DTYPES}, got {kv_dtype!r}")
   e = feature_width(feature_dim)
   return TaylorState(
-      kv=jnp.zeros((batch, heads, e, value_dim), jnp.float32),
+      kv=jnp.zeros((batch, heads, e, value_dim), kv_dtype),
       k=jnp.zeros((batch, heads, e), jnp.float32),
   )
+
+
+def for_compute(state: TaylorState) -> TaylorState:
+  """The state with kv in at least float32, for arithmetic."""
+  return state._replace(kv=state.kv.astype(compute_dtype(state.kv.dtype)))
+
+
+def stored_like(new: TaylorState, old: TaylorState) -> TaylorState:
+  """`new` (computed in float32) with kv rounded to the storage dtype of `old`."""
+  return new._replace(kv=new.kv.astype(old.kv.dtype))

@@ -51,9 +51,9 @@ if _IMPORT_ERROR is None:
     v = tl.load(v_ptr + head * d + cols, mask=col_ok, other=0.0).to(tl.float32) * valid
     offs = head * e * d + rows[:, None] * d + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    kv = tl.load(kv_ptr + offs, mask=mask, other=0.0) + phi_k[:, None] * v[None, :]
+    kv = tl.load(kv_ptr + offs, mask=mask, other=0.0).to(tl.float32) + phi_k[:, None] * v[None, :]
     ks = tl.load(ks_ptr + head * e + rows, mask=row_ok, other=0.0) + phi_k
-    tl.store(kv_out + offs, kv, mask=mask)
+    tl.store(kv_out + offs, kv.to(kv_out.dtype.element_ty), mask=mask)
     if c == 0:  # every column block computes ks; one writes it
       tl.store(ks_out + head * e + rows, ks, mask=row_ok)
     y = tl.sum(phi_q[:, None] * kv, axis=0) / (tl.sum(phi_q * ks, axis=0) + eps)
@@ -72,7 +72,7 @@ def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorSt
       valid.astype(jnp.int32), phi_q, phi_k, v, state.kv, state.k,
       kernel=_kernel,
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct(state.kv.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(state.kv.shape, state.kv.dtype),
                  jax.ShapeDtypeStruct(state.k.shape, jnp.float32)],
       grid=(b, h, triton.cdiv(d, block_d)), num_warps=num_warps, num_stages=1,
       input_output_aliases={4: 1},

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.taylor_attention import reference
-from pallas_kernels.taylor_attention.state import TaylorState
+from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stored_like
 
 DEFAULT_CHUNK = 64
 
@@ -41,6 +41,7 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     return new, y
 
   start = reference.initial_state(state, q, v)
-  final, ys = jax.lax.scan(step, start, (split(q), split(k), split(v), split(key_mask)))
+  final, ys = jax.lax.scan(step, for_compute(start),  # a bf16 kv is rounded once, at the end
+                           (split(q), split(k), split(v), split(key_mask)))
   y = jnp.moveaxis(ys, 0, 1).reshape(b, n * c, *ys.shape[3:])[:, :t]
-  return y, final
+  return y, stored_like(final, start)
