@@ -9,8 +9,8 @@ several column blocks read it). The features phi(q_t), phi(k_t) [E] come in prec
 head, against the 2 E (D + 1) of reading and writing the state).
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
-2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv halves it); the flops (about 6 E D) are
-negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
+2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv about halves it);
+the flops (about 6 E D) are negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
 112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
 The E state rows are loaded and stored `block_e` rows at a time (the remainder in power-of-two
 pieces, E = 153 = 64 + 64 + 16 + 8 + 1): a [256, 128] float32 tile spills registers (7.5x

@@ -6,9 +6,9 @@ E = 1 + F + F(F+1)/2 the Taylor feature width (`feature_map.py`).
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 
 Everything is computed in at least float32 (`compute_dtype`): the normaliser grows like O(T)
-and a bf16 copy of it loses the answer. A state whose kv is stored in bf16 (`state.py`) is read
-in float32 and its updated kv rounded once, on return. Float64 inputs (under jax x64) are computed in
-float64, which is how the tests get their truth (float32 einsums on a GPU follow JAX's
+and a bf16 copy of it loses the answer. A state whose kv is stored in bf16 (`state.py`) is
+read in float32 and its updated kv rounded once, on return. Float64 inputs (under jax x64) are
+computed in float64, which is how the tests get their truth (float32 einsums on a GPU follow JAX's
 default matmul precision, TF32, so a float32 run of this module there is not IEEE). Keys
 whose `key_mask` is False contribute nothing, neither to outputs nor to the returned state
 (that is how padding is kept out of the state).

@@ -12,7 +12,7 @@ class TaylorState(NamedTuple):
 
   Shapes use B = batch, H = heads, E = feature width 1 + F + F(F+1)/2, D = value head dim.
   The normaliser k is always float32: it grows like the token count, and a bf16 copy stops
-  counting (measured: 8e-2 logit error at 1024 tokens, experiments/state_precision.py). The
+  counting (simulated: 8e-2 logit error at 1024 tokens, experiments/state_precision.py). The
   numerator kv is stored in float32 or bfloat16 (`STATE_DTYPES`); a bf16 kv halves the bytes a
   decoding step moves. All arithmetic is float32: a bf16 kv is rounded once per update, when
   it is stored, and outputs are read out before that rounding.
