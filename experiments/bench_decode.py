@@ -48,6 +48,7 @@ from based_jax.generate import decode, prefill
 from based_jax.mixers import attention
 from based_jax.model import init_params
 from experiments.benchmarking import copy_bandwidth, run_metadata
+from pallas_kernels.taylor_attention import feature_width
 
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m", "based_1b",
                                        "transformer_pp_1b"],
@@ -703,6 +704,8 @@ def main(argv):
     info = {"attention_impl": config.attention_impl,
             "attention_decode_impl": config.attention_decode_impl,
             "linear_attention_impl": config.linear_attention_impl,
+            "taylor_state": {"features": feature_width(config.la_feature_dim),
+                             "kv_dtype": config.la_state_dtype},
             "dtype": config.dtype, "overrides": parse_model(spec)[1]}
     save_model = lambda r, info=info: save({**r, "config": info})  # noqa: E731
     first_chunk = auto_prefill_chunk(config, _PROMPT.value, _PREFILL_CHUNK.value)

@@ -36,7 +36,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["12", "14"]  # keep 2
 
 
-def test_run_that_reached_its_target_is_complete_when_rerun(tmp_path):
+def test_rerun_after_the_target_is_complete_and_runtime_choices_may_change(tmp_path):
   run = TINY_RUN.replace(target_accuracy=0.0)  # stops at the first evaluation, step 5
   first, first_state = train(run, TINY_MODEL, str(tmp_path))
   assert first["step"] == 5
@@ -45,14 +45,9 @@ def test_run_that_reached_its_target_is_complete_when_rerun(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]
   for a, b in zip(jax.tree.leaves(first_state.params), jax.tree.leaves(again_state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  resumed, _ = train(run.replace(target_accuracy=1.01), TINY_MODEL, str(tmp_path))
-  assert resumed["step"] == 14  # a higher target continues the run
-
-
-def test_runtime_choices_may_change_on_resume(tmp_path):
-  train(TINY_RUN, TINY_MODEL, str(tmp_path), steps_this_run=6)
+  # A higher target continues the run, here with other implementation / state-storage choices.
   other = TINY_MODEL.replace(linear_attention_impl="xla", la_state_dtype="bfloat16")
-  resumed, _ = train(TINY_RUN, other, str(tmp_path))
+  resumed, _ = train(run.replace(target_accuracy=1.01), other, str(tmp_path))
   assert resumed["step"] == 14
 
 
