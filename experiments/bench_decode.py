@@ -2,6 +2,7 @@
 
   python -m experiments.bench_decode --models=based_1b,transformer_pp_1b --prompt_len=1024
   python -m experiments.bench_decode --print_commands       # the full H100 run, with estimates
+  python -m experiments.bench_decode --floors_only=2.9e12   # byte-count floors only, no device
 
 For each model and batch size: prefill time, decode time per step (the whole jitted
 `lax.while_loop` of `based_jax.generate.decode`, no host round trip per token), generated
@@ -78,6 +79,9 @@ _MEM_FRACTION = flags.DEFINE_float("mem_fraction", 0.95,
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout_s", 4 * 3600,
                                       "Time limit of one child process.")
 _OUT = flags.DEFINE_string("out", "experiments/results/decode", "Output path prefix.")
+_FLOORS_ONLY = flags.DEFINE_float(
+    "floors_only", 0.0, "If > 0: no device work; write <out>.json with every (model, batch) "
+    "floor (bytes per step and per token, ms at this many bytes/s) and exit.")
 _PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False,
                                     "Print the commands of the full H100 run and exit.")
 _RESUME = flags.DEFINE_bool("resume", True, "Continue <out>.json of the same settings: models "
@@ -578,6 +582,24 @@ H100_RUNS = [  # (name, models, prompt_len, rough minutes: full doubling sweep, 
 QUICK_BATCHES = "1,4,16,64,128,256,512,1024,2048,4096"
 
 
+def floors(specs: list[str], batches: list[int], dtype: str, prompt_len: int, new_tokens: int,
+           bandwidth: float) -> list[dict]:
+  """The floor of every (model, batch), from shapes alone (`bytes_breakdown`)."""
+  rows = []
+  for spec in specs:
+    config = model_config(spec, dtype)
+    shapes = jax.eval_shape(lambda: init_params(config))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    for batch in batches:
+      floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
+      rows.append({"model": spec, "batch": batch, "floor_breakdown": floor,
+                   "bytes_per_token": floor["total"] / batch,
+                   "floor_ms_per_step": 1e3 * floor["total"] / bandwidth,
+                   "taylor_state": {"features": feature_width(config.la_feature_dim),
+                                    "kv_dtype": config.la_state_dtype}})
+  return rows
+
+
 def print_commands(deadline_s: int = 300) -> None:
   """The H100 run: one command per (model size, prompt length), most important first."""
   print(f"""# Generation throughput on one H100 80GB: bf16, 1024 new tokens, batch sweep until out
@@ -644,6 +666,19 @@ def main(argv):
     return
   if _PRINT_COMMANDS.value:
     print_commands()
+    return
+  if _FLOORS_ONLY.value > 0:
+    rows = floors(_MODELS.value, batch_sizes(_BATCHES.value, _MAX_BATCH.value), _DTYPE.value,
+                  _PROMPT.value, _NEW.value, _FLOORS_ONLY.value)
+    meta = {**run_metadata(), "prompt_len": _PROMPT.value, "new_tokens": _NEW.value,
+            "dtype": _DTYPE.value, "bandwidth_Bps": _FLOORS_ONLY.value,
+            "what": "byte counts from shapes (bytes_breakdown); nothing was timed"}
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value + ".json", "w") as f:
+      json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    for row in rows:
+      print(f"{row['model']:40s} B={row['batch']:5d} {row['bytes_per_token'] / 1e6:8.2f} MB/token "
+            f"floor {row['floor_ms_per_step']:8.3f} ms/step")
     return
   started = time.monotonic()
   # A terminated parent (a time limit) unwinds, and subprocess.run kills the running child.

@@ -8,6 +8,7 @@ import pytest
 
 from based_jax.model import LanguageModel, init_params
 from experiments import bench_decode
+from pallas_kernels.taylor_attention import feature_width
 
 OOM = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 21.40GiB with allocator GPU_0_bfc"
 
@@ -42,6 +43,19 @@ def test_floor_counts_weights_and_state():
   one = bench_decode.bytes_per_step(config, 1, 16, 16, param_bytes=1000)
   two = bench_decode.bytes_per_step(config, 2, 16, 16, param_bytes=1000)
   assert two - one == one - 1000 > 0  # state bytes scale with the batch, weights do not
+
+
+def test_floors_only_counts_a_bf16_state_as_half_the_taylor_bytes():
+  rows = bench_decode.floors(["based_tiny", "based_tiny+la_state_dtype=bfloat16"], [4],
+                             "float32", 16, 16, bandwidth=1e12)
+  f32, bf16 = (r["floor_breakdown"] for r in rows)
+  assert f32["weights"] == bf16["weights"] > 0
+  config = bench_decode.model_config("based_tiny", "float32")
+  e = feature_width(config.la_feature_dim)
+  kv = sum(4 * 4 * config.la_heads * e * (config.d_model // config.la_heads)  # B=4, float32
+           for kind in config.layer_kinds if kind == "linear_attention")
+  assert f32["state_written"] - bf16["state_written"] == kv // 2
+  assert rows[0]["floor_ms_per_step"] == 1e3 * f32["total"] / 1e12
 
 
 def test_floor_reads_the_valid_kv_cache_once():
