@@ -47,7 +47,7 @@ from based_jax.cache import cache_bytes
 from based_jax.config import get_config
 from based_jax.generate import decode, prefill
 from based_jax.mixers import attention
-from based_jax.model import init_params
+from based_jax.model import count_params, init_params
 from experiments.benchmarking import copy_bandwidth, run_metadata
 from pallas_kernels.taylor_attention import feature_width
 
@@ -582,21 +582,24 @@ H100_RUNS = [  # (name, models, prompt_len, rough minutes: full doubling sweep, 
 QUICK_BATCHES = "1,4,16,64,128,256,512,1024,2048,4096"
 
 
+def taylor_state_layout(config) -> dict:
+  """How the model stores its Taylor decoding state (features per head, numerator dtype)."""
+  return {"features": feature_width(config.la_feature_dim), "kv_dtype": config.la_state_dtype}
+
+
 def floors(specs: list[str], batches: list[int], dtype: str, prompt_len: int, new_tokens: int,
            bandwidth: float) -> list[dict]:
   """The floor of every (model, batch), from shapes alone (`bytes_breakdown`)."""
   rows = []
   for spec in specs:
     config = model_config(spec, dtype)
-    shapes = jax.eval_shape(lambda: init_params(config))
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+    param_bytes = count_params(config) * jnp.dtype(config.param_dtype).itemsize
     for batch in batches:
       floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
       rows.append({"model": spec, "batch": batch, "floor_breakdown": floor,
                    "bytes_per_token": floor["total"] / batch,
                    "floor_ms_per_step": 1e3 * floor["total"] / bandwidth,
-                   "taylor_state": {"features": feature_width(config.la_feature_dim),
-                                    "kv_dtype": config.la_state_dtype}})
+                   "taylor_state": taylor_state_layout(config)})
   return rows
 
 
@@ -739,8 +742,7 @@ def main(argv):
     info = {"attention_impl": config.attention_impl,
             "attention_decode_impl": config.attention_decode_impl,
             "linear_attention_impl": config.linear_attention_impl,
-            "taylor_state": {"features": feature_width(config.la_feature_dim),
-                             "kv_dtype": config.la_state_dtype},
+            "taylor_state": taylor_state_layout(config),
             "dtype": config.dtype, "overrides": parse_model(spec)[1]}
     save_model = lambda r, info=info: save({**r, "config": info})  # noqa: E731
     first_chunk = auto_prefill_chunk(config, _PROMPT.value, _PREFILL_CHUNK.value)
