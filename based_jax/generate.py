@@ -42,9 +42,10 @@ def check_prompts(config: ModelConfig, prompts, prompt_lengths, max_len: int) ->
     raise ValueError(f"prompts of {prompts.shape[1]} tokens do not fit max_len={max_len}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk_size", "row_block"))
 def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: jnp.ndarray,
-            max_len: int, chunk_size: int = 256) -> tuple[jnp.ndarray, ModelCache]:
+            max_len: int, chunk_size: int = 256,
+            row_block: Optional[int] = None) -> tuple[jnp.ndarray, ModelCache]:
   """Runs right-padded prompts [B, P] into a fresh cache; returns last-token logits [B, V].
 
   The prompt goes through the model `chunk_size` tokens at a time, so activation memory is
@@ -52,7 +53,27 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
   so padding enters no state. The first chunk meets an empty cache, so its attention layers run
   causal (flash) attention within the chunk; later chunks (a `lax.scan` carrying the cache,
   updated in place) attend over the cache. `chunk_size >= P` is a single call.
+
+  `row_block` (a divisor of B; None: all rows at once) prefills that many sequences at a time
+  (a `lax.map` writing into the one output cache), so the temporaries scale with the block
+  rather than B: large decode batches then fit when prefilling them all at once would not.
   """
+  b = prompts.shape[0]
+  if row_block is None or row_block >= b:
+    return _prefill_rows(config, params, prompts, prompt_lengths, max_len, chunk_size)
+  if row_block < 1 or b % row_block:
+    raise ValueError(f"row_block must be a positive divisor of the batch {b}, got {row_block}")
+  blocks = (prompts.reshape(b // row_block, row_block, -1),
+            prompt_lengths.reshape(b // row_block, row_block))
+  out = jax.lax.map(
+      lambda xs: _prefill_rows(config, params, *xs, max_len, chunk_size), blocks)
+  return jax.tree.map(lambda x: x.reshape(b, *x.shape[2:]), out)  # every leaf is [B, ...]
+
+
+def _prefill_rows(config: ModelConfig, params, prompts: jnp.ndarray,
+                  prompt_lengths: jnp.ndarray, max_len: int,
+                  chunk_size: int) -> tuple[jnp.ndarray, ModelCache]:
+  """`prefill` of all rows at once."""
   b, p = prompts.shape
   c = min(chunk_size, p)
   n = -(-p // c)

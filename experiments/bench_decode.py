@@ -10,8 +10,9 @@ tokens/s, peak device memory, and the bandwidth floor per step: the bytes that m
 step (weights once, plus every layer's state or KV cache read and written) over the measured
 copy bandwidth. Batch sizes double from 1 (or follow --batch_sizes); the sweep of a model
 stops at the first batch that runs out of memory, which is recorded. A prefill that runs out
-of memory is first retried with 4x smaller prompt chunks (down to 64), so a model's largest
-batch is set by what decoding needs, not by the prefill's activations.
+of memory is first retried with 4x smaller prompt chunks (down to 64), then with the batch
+prefilled in halved row blocks (`prefill(row_block=...)`, down to 64 rows), so a model's
+largest batch is set by what decoding needs, not by the prefill's temporaries.
 
 Isolation (--isolate): by default every model runs in its own subprocess, so its device
 memory and peak (`peak_bytes_in_use`) are its own; batches increase, so each row's peak is
@@ -28,6 +29,7 @@ resolved and traced are recorded. Writes <out>.json (device, versions, shapes) a
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import statistics
@@ -64,6 +66,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-
 _PREFILL_CHUNK = flags.DEFINE_integer(
     "prefill_chunk", 0, "Prompt tokens per prefill call; 0: the whole prompt for models with "
     "full attention (one flash-attention call), 256 for the others.")
+_PREFILL_ROWS = flags.DEFINE_integer(
+    "prefill_row_block", 0, "Sequences per prefill call (0: the whole batch); prefill "
+    "out-of-memory errors halve it down to 64 rows anyway (after the chunk reaches 64).")
 _ATTN = flags.DEFINE_enum("attention_impl", None, list(config_lib.ATTENTION_IMPLS),
                           "Override every model's attention_impl (prefill).")
 _ATTN_DECODE = flags.DEFINE_enum("attention_decode_impl", None,
@@ -92,6 +97,7 @@ _CHILD = flags.DEFINE_string("child_request", None, "Internal: run one point fro
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_PREFILL_CHUNK = 64
+MIN_ROW_BLOCK = 64
 DEFAULT_PREFILL_CHUNK = 256
 
 
@@ -155,12 +161,22 @@ def auto_prefill_chunk(config, prompt_len: int, requested: int = 0) -> int:
   return prompt_len if has_full_attention(config) else DEFAULT_PREFILL_CHUNK
 
 
-def smaller_chunk(chunk: int, prompt_len: int) -> Optional[int]:
-  """The next prefill chunk to try after an out-of-memory prefill, or None."""
+def smaller_prefill(chunk: int, row_block: Optional[int], batch: int,
+                    prompt_len: int) -> Optional[tuple[int, Optional[int]]]:
+  """The next (prompt chunk, row block) to try after an out-of-memory prefill, or None: 4x
+  smaller chunks down to MIN_PREFILL_CHUNK, then halved row blocks down to MIN_ROW_BLOCK."""
   chunk = min(chunk, prompt_len)
-  if chunk <= MIN_PREFILL_CHUNK:
+  if chunk > MIN_PREFILL_CHUNK:
+    return max(MIN_PREFILL_CHUNK, chunk // 4), row_block
+  rows = row_block_for(batch, row_block) // 2
+  if rows < MIN_ROW_BLOCK or batch % rows:
     return None
-  return max(MIN_PREFILL_CHUNK, chunk // 4)
+  return chunk, rows
+
+
+def row_block_for(batch: int, row_block: Optional[int]) -> int:
+  """Rows per prefill call at this batch: the sweep's block where it divides the batch."""
+  return batch if row_block is None else math.gcd(batch, row_block)
 
 
 # ----------------------------------------------------------------------------- one point
@@ -175,16 +191,16 @@ class Generation:
   prompt_len: int
   new_tokens: int
   prefill_chunk: int
+  prefill_row_block: Optional[int] = None  # None: every row in one prefill call.
 
   def compile(self, params) -> "Generation":
     max_len = self.prompt_len + self.new_tokens
     prompts = jax.ShapeDtypeStruct((self.batch, self.prompt_len), jnp.int32)
     lengths = jax.ShapeDtypeStruct((self.batch,), jnp.int32)
-    self._prefill = prefill.lower(self.config, params, prompts, lengths, max_len,
-                                  self.prefill_chunk).compile()
-    logits, cache = jax.eval_shape(
-        lambda p, t, n: prefill(self.config, p, t, n, max_len, self.prefill_chunk),
-        params, prompts, lengths)
+    plan = (max_len, self.prefill_chunk, self.prefill_row_block)
+    self._prefill = prefill.lower(self.config, params, prompts, lengths, *plan).compile()
+    logits, cache = jax.eval_shape(lambda p, t, n: prefill(self.config, p, t, n, *plan),
+                                   params, prompts, lengths)
     self._decode = decode.lower(self.config, params, logits, cache, jax.random.key(0),
                                 self.new_tokens).compile()
     return self
@@ -284,6 +300,7 @@ def peak_device_bytes() -> Optional[int]:
 
 def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dtype: str,
                   repeats: int, prefill_chunk: int, bandwidth: float,
+                  prefill_row_block: Optional[int] = None,
                   attention_impl: Optional[str] = None,
                   attention_decode_impl: Optional[str] = None, params_cache: dict = None) -> dict:
   """Compiles and times one (model, batch) point in this process; returns its row.
@@ -296,7 +313,9 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
       params_cache.clear()  # one model's weights at a time
       params_cache[spec] = jax.jit(init_params, static_argnums=0)(config)
     params = params_cache[spec]
-    gen = Generation(config, batch, prompt_len, new_tokens, prefill_chunk).compile(params)
+    rows = row_block_for(batch, prefill_row_block)
+    gen = Generation(config, batch, prompt_len, new_tokens, prefill_chunk,
+                     None if rows == batch else rows).compile(params)
   except Exception as e:  # noqa: BLE001
     if is_oom(e):
       raise OutOfMemory("setup", first_line(e)) from e
@@ -312,7 +331,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
   floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
   floor_s = floor["total"] / bandwidth
   peak = peak_device_bytes()
-  return {"batch": batch, "prefill_chunk": prefill_chunk,
+  return {"batch": batch, "prefill_chunk": prefill_chunk, "prefill_row_block": rows,
           "prefill_ms": 1e3 * prefill_s, "decode_ms_per_step": 1e3 * step_s,
           "decode_ms_per_step_min": 1e3 * min(t[1] for t in times) / new_tokens,
           "tokens_per_s": batch * new_tokens / decode_s,
@@ -336,13 +355,15 @@ def batch_sizes(explicit: list, max_batch: int) -> list[int]:
   return out
 
 
-def sweep(spec: str, batches: list[int], run_point: Callable[[int, int], dict],
+def sweep(spec: str, batches: list[int], run_point: Callable[[int, int, Optional[int]], dict],
           first_chunk: int, prompt_len: int, log: Callable[[str], None] = print,
           previous: Optional[dict] = None, save: Callable[[dict], None] = lambda r: None,
-          stop: Callable[[], bool] = lambda: False) -> dict:
-  """Runs `run_point(batch, prefill_chunk)` for increasing batches until one runs out of
-  memory. A prefill OOM is retried with smaller chunks (kept for the larger batches); any
-  other OOM, or a prefill OOM at the smallest chunk, ends the sweep and is recorded as `oom`.
+          stop: Callable[[], bool] = lambda: False,
+          first_row_block: Optional[int] = None) -> dict:
+  """Runs `run_point(batch, prefill_chunk, prefill_row_block)` for increasing batches until
+  one runs out of memory. A prefill OOM is retried with smaller chunks, then smaller row blocks
+  (both kept for the larger batches); any other OOM, or a prefill OOM at the smallest chunk and
+  row block, ends the sweep and is recorded as `oom`.
   A non-OOM error also ends it, recorded as `error`.
 
   `previous` (an earlier result of the same model) is continued: its batches are not run
@@ -350,27 +371,29 @@ def sweep(spec: str, batches: list[int], run_point: Callable[[int, int], dict],
   every point; before each point `stop()` may end the sweep early (then `complete` stays
   False and a later call can continue it)."""
   result = previous or {"model": spec, "rows": [], "oom": None, "error": None,
-                        "prefill_retries": [], "prefill_chunk": first_chunk}
+                        "prefill_retries": [], "prefill_chunk": first_chunk,
+                        "prefill_row_block": first_row_block}
   result["complete"] = False
   for batch in pending_batches(result, batches):
     if stop():
       log(f"{spec}: stopping before batch {batch} (deadline); rerun to continue")
       return _summarise(result)
     while True:
-      chunk = result["prefill_chunk"]
+      chunk, rows = result["prefill_chunk"], result.get("prefill_row_block")
       try:
-        row = run_point(batch, chunk)
+        row = run_point(batch, chunk, rows)
       except OutOfMemory as e:
-        nxt = smaller_chunk(chunk, prompt_len) if e.phase == "prefill" else None
+        nxt = smaller_prefill(chunk, rows, batch, prompt_len) if e.phase == "prefill" else None
         if nxt is not None:
           result["prefill_retries"].append({"batch": batch, "prefill_chunk": chunk,
-                                            "phase": e.phase, "error": e.message})
-          log(f"{spec}: batch {batch} prefill out of memory at chunk {chunk}; retrying "
-              f"with chunk {nxt}")
-          result["prefill_chunk"] = nxt
+                                            "prefill_row_block": rows, "phase": e.phase,
+                                            "error": e.message})
+          log(f"{spec}: batch {batch} prefill out of memory at chunk {chunk}, row block "
+              f"{rows or batch}; retrying with chunk {nxt[0]}, row block {nxt[1] or batch}")
+          result["prefill_chunk"], result["prefill_row_block"] = nxt
           continue
-        result["oom"] = {"batch": batch, "prefill_chunk": chunk, "phase": e.phase,
-                         "error": e.message}
+        result["oom"] = {"batch": batch, "prefill_chunk": chunk, "prefill_row_block": rows,
+                         "phase": e.phase, "error": e.message}
         log(f"{spec}: batch {batch} out of memory ({e.phase}); stopping the sweep")
       except Exception as e:  # noqa: BLE001 - recorded; the other models still run
         result["error"] = {"batch": batch, "error": str(e)[-4000:]}
@@ -515,10 +538,12 @@ def sweep_in_child(spec: str, sweep_args: dict, mem_fraction: float, timeout_s: 
     return response["result"]
   result = (response or {}).get("result") or {
       "model": spec, "rows": [], "oom": None, "error": None, "prefill_retries": [],
-      "prefill_chunk": sweep_args["first_chunk"]}
+      "prefill_chunk": sweep_args["first_chunk"],
+      "prefill_row_block": sweep_args.get("first_row_block")}
   running = (response or {}).get("running") or {}
   if is_oom(output):
     result["oom"] = {"batch": running.get("batch"), "prefill_chunk": running.get("chunk"),
+                     "prefill_row_block": running.get("row_block"),
                      "phase": "unknown (the process died)", "error": first_line(output)}
   else:
     detail = (response or {}).get("error") or output[-3000:]
@@ -549,9 +574,11 @@ def child_main(request_path: str) -> None:
       state = {"result": args["previous"]}
       params_cache = {}
 
-      def run_point(batch, chunk):
-        respond({"result": state["result"], "running": {"batch": batch, "chunk": chunk}})
+      def run_point(batch, chunk, rows):
+        respond({"result": state["result"],
+                 "running": {"batch": batch, "chunk": chunk, "row_block": rows}})
         return measure_point(**args["point"], batch=batch, prefill_chunk=chunk,
+                             prefill_row_block=rows,
                              params_cache=params_cache)
 
       def save(result):
@@ -560,7 +587,8 @@ def child_main(request_path: str) -> None:
 
       result = sweep(args["point"]["spec"], args["batches"], run_point, args["first_chunk"],
                      args["point"]["prompt_len"], previous=args["previous"], save=save,
-                     stop=lambda: bool(args["deadline"]) and time.time() > args["deadline"])
+                     stop=lambda: bool(args["deadline"]) and time.time() > args["deadline"],
+                     first_row_block=args.get("first_row_block"))
       respond({"result": result, "done": True})
   except OutOfMemory as e:
     respond({"oom": {"phase": e.phase, "error": e.message}})
@@ -746,26 +774,30 @@ def main(argv):
             "dtype": config.dtype, "overrides": parse_model(spec)[1]}
     save_model = lambda r, info=info: save({**r, "config": info})  # noqa: E731
     first_chunk = auto_prefill_chunk(config, _PROMPT.value, _PREFILL_CHUNK.value)
+    first_rows = _PREFILL_ROWS.value or None
     if _ISOLATE.value == "model":
       deadline = time.time() + _DEADLINE.value - (time.monotonic() - started) \
           if _DEADLINE.value else 0
       result = sweep_in_child(spec, {"point": point, "batches": batches,
                                      "first_chunk": first_chunk, "previous": results.get(spec),
+                                     "first_row_block": first_rows,
                                      "deadline": deadline},
                               _MEM_FRACTION.value, _CHILD_TIMEOUT.value, save_model)
     else:
       params_cache = {}
 
-      def run_point(batch, chunk, point=point, params_cache=params_cache):
+      def run_point(batch, chunk, rows, point=point, params_cache=params_cache):
         if isolate:
           return run_child({"task": "point", "point": {**point, "batch": batch,
-                                                        "prefill_chunk": chunk}},
+                                                        "prefill_chunk": chunk,
+                                                        "prefill_row_block": rows}},
                            _MEM_FRACTION.value, _CHILD_TIMEOUT.value)
-        return measure_point(**point, batch=batch, prefill_chunk=chunk,
+        return measure_point(**point, batch=batch, prefill_chunk=chunk, prefill_row_block=rows,
                              params_cache=params_cache)
 
       result = sweep(spec, batches, run_point, first_chunk, _PROMPT.value,
-                     previous=results.get(spec), save=save_model, stop=stop)
+                     previous=results.get(spec), save=save_model, stop=stop,
+                     first_row_block=first_rows)
       params_cache.clear()
     save_model(result)
     if not result["complete"]:

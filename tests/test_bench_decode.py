@@ -68,15 +68,17 @@ def test_floor_reads_the_valid_kv_cache_once():
 
 
 def fake_points(fail):
-  """A run_point that records its calls and raises OutOfMemory where fail(batch, chunk) says."""
+  """A run_point that records its calls (batch, chunk[, row block]) and raises OutOfMemory
+  where fail(batch, chunk, rows per prefill call) says."""
   calls = []
 
-  def run_point(batch, chunk):
-    calls.append((batch, chunk))
-    phase = fail(batch, chunk)
+  def run_point(batch, chunk, row_block):
+    calls.append((batch, chunk) if row_block is None else (batch, chunk, row_block))
+    phase = fail(batch, chunk, bench_decode.row_block_for(batch, row_block))
     if phase:
       raise bench_decode.OutOfMemory(phase, OOM)
-    return {"batch": batch, "prefill_chunk": chunk, "prefill_ms": 1.0,
+    return {"batch": batch, "prefill_chunk": chunk, "prefill_row_block": row_block,
+            "prefill_ms": 1.0,
             "decode_ms_per_step": 1.0, "tokens_per_s": 1000.0 * batch,
             "floor_ms_per_step": 0.5, "ratio_to_floor": 2.0, "peak_memory_gb": 1.0,
             "attention_traced": ["decode:xla"]}
@@ -84,7 +86,7 @@ def fake_points(fail):
 
 
 def test_sweep_stops_at_the_first_out_of_memory_batch_and_records_it():
-  run_point, calls = fake_points(lambda b, c: "decode" if b >= 8 else None)
+  run_point, calls = fake_points(lambda b, c, r: "decode" if b >= 8 else None)
   result = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024, log=lambda s: None)
   assert [r["batch"] for r in result["rows"]] == [1, 2, 4]
   assert result["oom"]["batch"] == 8 and result["oom"]["phase"] == "decode"
@@ -93,17 +95,25 @@ def test_sweep_stops_at_the_first_out_of_memory_batch_and_records_it():
   assert result["best"]["batch"] == 4 and result["error"] is None
 
 
-def test_prefill_out_of_memory_retries_smaller_chunks_before_stopping():
-  # The prefill fits while batch * chunk <= 4096 tokens; decoding always fits.
-  run_point, calls = fake_points(lambda b, c: "prefill" if b * min(c, 1024) > 4096 else None)
-  result = bench_decode.sweep("m", [1, 4, 16, 64, 128], run_point, 1024, 1024,
+def test_prefill_out_of_memory_retries_smaller_chunks_then_row_blocks_before_stopping():
+  # The prefill fits while rows per call * chunk <= 4096 tokens; decoding below batch 512.
+  run_point, calls = fake_points(
+      lambda b, c, r: "prefill" if r * min(c, 1024) > 4096 else "decode" if b >= 512 else None)
+  result = bench_decode.sweep("m", [1, 4, 16, 64, 128, 256, 512], run_point, 1024, 1024,
                               log=lambda s: None)
-  assert [(r["batch"], r["prefill_chunk"]) for r in result["rows"]] == [
-      (1, 1024), (4, 1024), (16, 256), (64, 64)]
-  assert [(r["batch"], r["prefill_chunk"]) for r in result["prefill_retries"]] == [
-      (16, 1024), (64, 256)]
-  assert result["oom"] == {"batch": 128, "prefill_chunk": 64, "phase": "prefill", "error": OOM}
-  assert calls[-1] == (128, 64)
+  assert [(r["batch"], r["prefill_chunk"], r["prefill_row_block"]) for r in result["rows"]] == [
+      (1, 1024, None), (4, 1024, None), (16, 256, None), (64, 64, None), (128, 64, 64),
+      (256, 64, 64)]
+  assert [(r["batch"], r["prefill_chunk"], r["prefill_row_block"])
+          for r in result["prefill_retries"]] == [(16, 1024, None), (64, 256, None),
+                                                  (128, 64, None)]
+  assert result["oom"] == {"batch": 512, "prefill_chunk": 64, "prefill_row_block": 64,
+                           "phase": "decode", "error": OOM}
+  assert calls[-1] == (512, 64, 64)
+  # Past the smallest chunk and row block (or a block that no longer divides), it stops.
+  assert bench_decode.smaller_prefill(64, 64, 128, 1024) is None
+  assert bench_decode.smaller_prefill(64, None, 96, 1024) is None
+  assert bench_decode.smaller_prefill(64, None, 192, 1024) == (64, 96)
 
 
 def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
@@ -119,7 +129,8 @@ def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
                repeats=1, bandwidth=1e9)
   result = bench_decode.sweep(
       "transformer_pp_tiny", [1, 2, 4],
-      lambda b, c: bench_decode.measure_point(**point, batch=b, prefill_chunk=c), 8, 8,
+      lambda b, c, r: bench_decode.measure_point(**point, batch=b, prefill_chunk=c,
+                                                 prefill_row_block=r), 8, 8,
       log=lambda s: None)
   assert [r["batch"] for r in result["rows"]] == [1]
   assert result["oom"]["batch"] == 2 and result["oom"]["phase"] == "decode"
@@ -171,7 +182,7 @@ def test_model_specs_carry_config_overrides():
 
 
 def test_sweep_stopped_by_the_deadline_continues_where_it_stopped():
-  run_point, calls = fake_points(lambda b, c: "decode" if b >= 16 else None)
+  run_point, calls = fake_points(lambda b, c, r: "decode" if b >= 16 else None)
   saved = []
   first = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024,
                              log=lambda s: None, save=saved.append,
@@ -186,7 +197,7 @@ def test_sweep_stopped_by_the_deadline_continues_where_it_stopped():
 
 
 def test_a_sparser_earlier_sweep_is_filled_in_below_its_oom_batch():
-  run_point, calls = fake_points(lambda b, c: "decode" if b >= 16 else None)
+  run_point, calls = fake_points(lambda b, c, r: "decode" if b >= 16 else None)
   quick = bench_decode.sweep("m", [1, 4, 16], run_point, 256, 1024, log=lambda s: None)
   assert quick["oom"]["batch"] == 16
   full = bench_decode.sweep("m", [1, 2, 4, 8, 16, 32], run_point, 256, 1024,

@@ -198,19 +198,23 @@ def test_bad_tokens_and_prompts():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_chunked_prefill_equals_one_shot_forward(preset):
+  """Time chunks and row blocks change only the schedule: same logits, same cache."""
   from based_jax.generate import prefill
   config = get_config(preset, init_std=0.1)
   params, model = init_params(config, seed=3), LanguageModel(config)
-  prompts = np.random.default_rng(2).integers(0, config.vocab_size, (3, 23))
-  lengths = np.array([23, 1, 10])
-  outs = [prefill(config, params, jnp.asarray(prompts), jnp.asarray(lengths), 40, chunk_size=c)
-          for c in (5, 64)]
+  prompts = jnp.asarray(np.random.default_rng(2).integers(0, config.vocab_size, (4, 23)))
+  lengths = np.array([23, 1, 10, 17])
+  outs = [prefill(config, params, prompts, jnp.asarray(lengths), 40, chunk_size=c, row_block=r)
+          for c, r in ((5, None), (64, None), (5, 2))]
   for i, n in enumerate(lengths):
-    full, _ = model.apply(params, jnp.asarray(prompts[i:i + 1, :n]))
+    full, _ = model.apply(params, prompts[i:i + 1, :n])
     for logits, _ in outs:
       assert rel(logits[i], full[0, -1]) < 1e-5
-  for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  for other in outs[1:]:
+    for a, b in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(other[1]), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="row_block"):
+    prefill(config, params, prompts, jnp.asarray(lengths), 40, row_block=3)
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 7), (1, 1, 7)])  # (1, 1): the padded single row
