@@ -8,7 +8,8 @@ For each model and batch size: prefill time, decode time per step (the whole jit
 `lax.while_loop` of `based_jax.generate.decode`, no host round trip per token), generated
 tokens/s, peak device memory, and the bandwidth floor per step: the bytes that must move per
 step (weights once, plus every layer's state or KV cache read and written) over the measured
-copy bandwidth. Batch sizes double from 1 (or follow --batch_sizes); the sweep of a model
+copy bandwidth, beside the compute floor (XLA's FLOP count of one step at --peak_flops): at
+large batches the weight matmuls are compute-bound. Batch sizes double from 1 (or follow --batch_sizes); the sweep of a model
 stops at the first batch that runs out of memory, which is recorded. A prefill that runs out
 of memory is first retried with 4x smaller prompt chunks (down to 64), then with the batch
 prefilled in halved row blocks (`prefill(row_block=...)`, down to 64 rows), so a model's
@@ -45,11 +46,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from based_jax import config as config_lib
-from based_jax.cache import cache_bytes
+from based_jax.cache import as_carry, cache_bytes, init_cache
 from based_jax.config import get_config
 from based_jax.generate import decode, prefill
 from based_jax.mixers import attention
-from based_jax.model import count_params, init_params
+from based_jax.model import LanguageModel, count_params, init_params
 from experiments.benchmarking import copy_bandwidth, run_metadata
 from pallas_kernels.taylor_attention import feature_width
 
@@ -86,7 +87,11 @@ _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout_s", 4 * 3600,
 _OUT = flags.DEFINE_string("out", "experiments/results/decode", "Output path prefix.")
 _FLOORS_ONLY = flags.DEFINE_float(
     "floors_only", 0.0, "If > 0: no device work; write <out>.json with every (model, batch) "
-    "floor (bytes per step and per token, ms at this many bytes/s) and exit.")
+    "floor (bytes per step and per token, ms at this many bytes/s; FLOPs per step, ms at "
+    "--peak_flops) and exit.")
+_PEAK_FLOPS = flags.DEFINE_float(
+    "peak_flops", 989e12, "Matmul FLOP/s for the compute floor (default: the H100 SXM "
+    "datasheet's dense bf16 figure; 0: no compute floor).")
 _PRINT_COMMANDS = flags.DEFINE_bool("print_commands", False,
                                     "Print the commands of the full H100 run and exit.")
 _RESUME = flags.DEFINE_bool("resume", True, "Continue <out>.json of the same settings: models "
@@ -288,6 +293,33 @@ def bytes_breakdown(config, batch: int, prompt_len: int, new_tokens: int,
   return out
 
 
+def flops_per_step(config, batch: int, max_len: int) -> float:
+  """Floating-point operations of one decode step of B tokens: XLA's count for the step's HLO
+  (lowered from shapes, nothing run), with every mixer on its XLA path so all work is visible
+  (kernels and cuDNN calls are opaque to the count; the math is the same). At large batches the
+  weight matmuls (2 * params * B) dominate."""
+  config = config.replace(linear_attention_impl="xla", attention_impl="xla",
+                          attention_decode_impl="xla")
+  model = LanguageModel(config)
+  params = jax.eval_shape(lambda: init_params(config))
+  cache = jax.eval_shape(lambda: as_carry(init_cache(config, batch, max_len)))
+  tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+  lowered = jax.jit(lambda p, t, c: model.apply(p, t, cache=c)).lower(params, tokens, cache)
+  return float(lowered.cost_analysis()["flops"])
+
+
+def compute_floors(config, batch: int, max_len: int, bytes_floor_s: float,
+                   peak_flops: float) -> dict:
+  """FLOPs per step, the compute floor at `peak_flops` and the roofline max(bytes, compute)
+  per step in ms; nothing when `peak_flops` is 0."""
+  if not peak_flops:
+    return {}
+  flops = flops_per_step(config, batch, max_len)
+  compute_s = flops / peak_flops
+  return {"flops_per_step": flops, "compute_floor_ms_per_step": 1e3 * compute_s,
+          "roofline_ms_per_step": 1e3 * max(compute_s, bytes_floor_s)}
+
+
 def bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int, param_bytes: int) -> int:
   """The floor's bytes per decode step (see `bytes_breakdown`)."""
   return bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)["total"]
@@ -300,6 +332,7 @@ def peak_device_bytes() -> Optional[int]:
 
 def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dtype: str,
                   repeats: int, prefill_chunk: int, bandwidth: float,
+                  peak_flops: float = 0.0,
                   prefill_row_block: Optional[int] = None,
                   attention_impl: Optional[str] = None,
                   attention_decode_impl: Optional[str] = None, params_cache: dict = None) -> dict:
@@ -340,6 +373,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
           "param_bytes": param_bytes,
           "floor_bytes_per_step": floor["total"], "floor_breakdown": floor,
           "floor_ms_per_step": 1e3 * floor_s, "ratio_to_floor": step_s / floor_s,
+          **compute_floors(config, batch, prompt_len + new_tokens, floor_s, peak_flops),
           "attention_traced": attention.implementations_used()}
 
 
@@ -616,8 +650,9 @@ def taylor_state_layout(config) -> dict:
 
 
 def floors(specs: list[str], batches: list[int], dtype: str, prompt_len: int, new_tokens: int,
-           bandwidth: float) -> list[dict]:
-  """The floor of every (model, batch), from shapes alone (`bytes_breakdown`)."""
+           bandwidth: float, peak_flops: float) -> list[dict]:
+  """The floors of every (model, batch), from shapes alone (`bytes_breakdown`,
+  `flops_per_step`)."""
   rows = []
   for spec in specs:
     config = model_config(spec, dtype)
@@ -627,6 +662,8 @@ def floors(specs: list[str], batches: list[int], dtype: str, prompt_len: int, ne
       rows.append({"model": spec, "batch": batch, "floor_breakdown": floor,
                    "bytes_per_token": floor["total"] / batch,
                    "floor_ms_per_step": 1e3 * floor["total"] / bandwidth,
+                   **compute_floors(config, batch, prompt_len + new_tokens,
+                                    floor["total"] / bandwidth, peak_flops),
                    "taylor_state": taylor_state_layout(config)})
   return rows
 
@@ -700,16 +737,19 @@ def main(argv):
     return
   if _FLOORS_ONLY.value > 0:
     rows = floors(_MODELS.value, batch_sizes(_BATCHES.value, _MAX_BATCH.value), _DTYPE.value,
-                  _PROMPT.value, _NEW.value, _FLOORS_ONLY.value)
+                  _PROMPT.value, _NEW.value, _FLOORS_ONLY.value, _PEAK_FLOPS.value)
     meta = {**run_metadata(), "prompt_len": _PROMPT.value, "new_tokens": _NEW.value,
             "dtype": _DTYPE.value, "bandwidth_Bps": _FLOORS_ONLY.value,
-            "what": "byte counts from shapes (bytes_breakdown); nothing was timed"}
+            "peak_flops": _PEAK_FLOPS.value,
+            "what": "byte counts (bytes_breakdown) and XLA's FLOP count of one decode step "
+                    "(flops_per_step), from shapes; nothing was timed"}
     os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
     with open(_OUT.value + ".json", "w") as f:
       json.dump({"meta": meta, "rows": rows}, f, indent=1)
     for row in rows:
       print(f"{row['model']:40s} B={row['batch']:5d} {row['bytes_per_token'] / 1e6:8.2f} MB/token "
-            f"floor {row['floor_ms_per_step']:8.3f} ms/step")
+            f"floor {row['floor_ms_per_step']:8.3f} ms/step, compute "
+            f"{row.get('compute_floor_ms_per_step', 0):7.3f} ms/step")
     return
   started = time.monotonic()
   # A terminated parent (a time limit) unwinds, and subprocess.run kills the running child.
@@ -766,6 +806,7 @@ def main(argv):
     config = model_config(spec, _DTYPE.value, _ATTN.value, _ATTN_DECODE.value)
     point = dict(spec=spec, prompt_len=_PROMPT.value, new_tokens=_NEW.value,
                  dtype=_DTYPE.value, repeats=_REPEATS.value, bandwidth=bandwidth,
+                 peak_flops=_PEAK_FLOPS.value,
                  attention_impl=_ATTN.value, attention_decode_impl=_ATTN_DECODE.value)
     info = {"attention_impl": config.attention_impl,
             "attention_decode_impl": config.attention_decode_impl,

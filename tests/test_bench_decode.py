@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from based_jax.model import LanguageModel, init_params
+from based_jax.model import LanguageModel, count_params, init_params
 from experiments import bench_decode
 from pallas_kernels.taylor_attention import feature_width
 
@@ -47,7 +47,7 @@ def test_floor_counts_weights_and_state():
 
 def test_floors_only_counts_a_bf16_state_as_half_the_taylor_bytes():
   rows = bench_decode.floors(["based_tiny", "based_tiny+la_state_dtype=bfloat16"], [4],
-                             "float32", 16, 16, bandwidth=1e12)
+                             "float32", 16, 16, bandwidth=1e12, peak_flops=0)
   f32, bf16 = (r["floor_breakdown"] for r in rows)
   assert f32["weights"] == bf16["weights"] > 0
   config = bench_decode.model_config("based_tiny", "float32")
@@ -56,6 +56,20 @@ def test_floors_only_counts_a_bf16_state_as_half_the_taylor_bytes():
            for kind in config.layer_kinds if kind == "linear_attention")
   assert f32["state_written"] - bf16["state_written"] == kv // 2
   assert rows[0]["floor_ms_per_step"] == 1e3 * f32["total"] / 1e12
+
+
+def test_compute_floor_counts_two_flops_per_weight_per_token():
+  rows = bench_decode.floors(["based_tiny"], [4, 8], "float32", 16, 16, bandwidth=1e12,
+                             peak_flops=1e12)
+  params = count_params(bench_decode.model_config("based_tiny", "float32"))
+  for row in rows:  # the weight matmuls plus a little mixer work
+    assert 1.0 < row["flops_per_step"] / (2 * row["batch"] * params) < 1.2
+    assert row["compute_floor_ms_per_step"] == pytest.approx(row["flops_per_step"] / 1e9)
+    assert row["roofline_ms_per_step"] == max(row["compute_floor_ms_per_step"],
+                                              row["floor_ms_per_step"])
+  assert rows[1]["flops_per_step"] == pytest.approx(2 * rows[0]["flops_per_step"], rel=1e-3)
+  assert "flops_per_step" not in bench_decode.floors(["based_tiny"], [4], "float32", 16, 16,
+                                                     bandwidth=1e12, peak_flops=0)[0]
 
 
 def test_floor_reads_the_valid_kv_cache_once():
