@@ -9,8 +9,9 @@ For each model and batch size: prefill time, decode time per step (the whole jit
 tokens/s, peak device memory, and the bandwidth floor per step: the bytes that must move per
 step (weights once, plus every layer's state or KV cache read and written) over the measured
 copy bandwidth, beside the compute floor (XLA's FLOP count of one step at --peak_flops): at
-large batches the weight matmuls are compute-bound. Batch sizes double from 1 (or follow --batch_sizes); the sweep of a model
-stops at the first batch that runs out of memory, which is recorded. A prefill that runs out
+large batches the weight matmuls are compute-bound. Batch sizes double from 1 (or follow
+--batch_sizes); the sweep of a model stops at the first batch that runs out of memory, which
+is recorded. A prefill that runs out
 of memory is first retried with 4x smaller prompt chunks (down to 64), then with the batch
 prefilled in halved row blocks (`prefill(row_block=...)`, down to 64 rows), so a model's
 largest batch is set by what decoding needs, not by the prefill's temporaries.
