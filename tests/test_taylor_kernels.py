@@ -220,6 +220,15 @@ def test_kernel_limits_give_clear_errors_or_fall_back():
   assert api._resolve("auto", q, q, v, None) == "xla"  # unsupported F: the fallback
 
 
+@pytest.mark.parametrize("t, d, with_state, want", [
+    (8, 64, False, "pallas"), (1, 64, True, "xla"), (1, 112, True, "pallas"),
+    (8, 64, True, "pallas")])
+def test_auto_on_gpu_picks_the_measured_faster_path(monkeypatch, t, d, with_state, want):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v, state = random_case(0, 1, t, 1, d, jnp.float32, with_state)
+  assert api._resolve("auto", q, k, v, state) == want
+
+
 def test_decode_row_blocks_tile_the_state_rows():
   assert pallas_decode.row_blocks(153, 64) == [(0, 64), (64, 64), (128, 16), (144, 8), (152, 1)]
   assert pallas_decode.row_blocks(153, 256) == [(0, 128), (128, 16), (144, 8), (152, 1)]

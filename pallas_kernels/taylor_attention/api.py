@@ -11,7 +11,8 @@ Implementations:
   "triton"            as "pallas", but decoding through the jax-triton kernel
                       (`triton_decode.py`; needs jax-triton and a GPU);
   "auto"              "pallas" on GPU for the shapes the kernels support, else "xla"
-                      (with a one-time warning when a GPU run falls back).
+                      (with a one-time warning when a GPU run falls back); decode steps
+                      with D <= DECODE_XLA_MAX_VALUE_DIM take "xla", measured faster there.
 A single-token call with a state (decoding) takes the decode step.
 """
 
@@ -35,6 +36,10 @@ KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # trains 64-512 token sequences 1.3-14x faster than the chunked scan on a 2-core CPU, and is
 # slower at 1024 (experiments/results/cpu_training.json).
 QUADRATIC_MAX_T = 512
+# On the H100 with the packed state, XLA's fused decode step beat the Pallas kernel by 4-26% at
+# D = 64 (B = 256, 1024; float32 and bf16 kv) and lost by 10-15% at D = 112
+# (experiments/results/decode_step_packed_h100.json, decode_step_packed_bf16_h100.json).
+DECODE_XLA_MAX_VALUE_DIM = 64
 _warned = set()
 
 
@@ -94,7 +99,8 @@ def _resolve(impl, q, k, v, state) -> str:
         _warned.add(limit)
         warnings.warn(f"causal_taylor_attention: falling back to XLA for {limit}")
       return "xla"
-    return "pallas"
+    decoding = q.shape[1] == 1 and state is not None
+    return "xla" if decoding and v.shape[-1] <= DECODE_XLA_MAX_VALUE_DIM else "pallas"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
   if impl in ("pallas", "triton") and not on_gpu:
