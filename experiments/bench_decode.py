@@ -11,10 +11,10 @@ step (weights once, plus every layer's state or KV cache read and written) over 
 copy bandwidth, beside the compute floor (XLA's FLOP count of one step at --peak_flops): at
 large batches the weight matmuls are compute-bound. Batch sizes double from 1 (or follow
 --batch_sizes); the sweep of a model stops at the first batch that runs out of memory, which
-is recorded. A prefill that runs out
-of memory is first retried with 4x smaller prompt chunks (down to 64), then with the batch
-prefilled in halved row blocks (`prefill(row_block=...)`, down to 64 rows), so a model's
-largest batch is set by what decoding needs, not by the prefill's temporaries.
+is recorded. A prefill that runs out of memory is first retried with 4x smaller prompt
+chunks (down to 64), then with the batch prefilled in halved row blocks
+(`prefill(row_block=...)`, down to 64 rows), so a model's largest batch is set by what
+decoding needs, not by the prefill's temporaries.
 
 Isolation (--isolate): by default every model runs in its own subprocess, so its device
 memory and peak (`peak_bytes_in_use`) are its own; batches increase, so each row's peak is
