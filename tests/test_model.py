@@ -28,17 +28,18 @@ def test_ragged_prefill_then_decode_equals_full_forward(preset):
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, total))
   prompts = np.where(np.arange(19) < lengths[:, None], tokens[:, :19], 7)  # padding = token 7
   cache = init_cache(config, 3, max_len=total)
-  prefill_logits, cache = model.apply(params, jnp.asarray(prompts), cache=cache,
-                                      lengths=jnp.asarray(lengths))
+  step = jax.jit(lambda p, t, c, n=None: model.apply(p, t, cache=c, lengths=n))
+  prefill_logits, cache = step(params, jnp.asarray(prompts), cache, jnp.asarray(lengths))
   # Decode each row's own continuation one token at a time, all rows in one batch.
   steps = total - lengths.max()
   decoded = []
+  forward = jax.jit(model.apply)
   for s in range(steps):
     step_tokens = tokens[np.arange(3), lengths + s][:, None]
-    logits, cache = model.apply(params, jnp.asarray(step_tokens), cache=cache)
+    logits, cache = step(params, jnp.asarray(step_tokens), cache)
     decoded.append(logits[:, 0])
   for i in range(3):
-    full, _ = model.apply(params, jnp.asarray(tokens[i:i + 1, :lengths[i] + steps]))
+    full, _ = forward(params, jnp.asarray(tokens[i:i + 1, :lengths[i] + steps]))
     assert rel(prefill_logits[i, :lengths[i]], full[0, :lengths[i]]) < 1e-5
     assert rel(jnp.stack([d[i] for d in decoded]), full[0, lengths[i]:]) < 1e-5
   np.testing.assert_array_equal(cache.length, lengths + steps)
@@ -107,12 +108,13 @@ def test_bf16_taylor_state_decodes_close_to_the_full_forward():
   cache = init_cache(config, 2, max_len=25)
   taylor = [c for c in cache.layers if isinstance(c, TaylorState)]
   assert taylor and all(c.kv.dtype == jnp.bfloat16 and c.k.dtype == jnp.float32 for c in taylor)
-  _, cache = model.apply(params, tokens[:, :10], cache=cache)
+  step = jax.jit(lambda p, t, c: model.apply(p, t, cache=c))
+  _, cache = step(params, tokens[:, :10], cache)
   decoded = []
   for t in range(10, 25):
-    logits, cache = model.apply(params, tokens[:, t:t + 1], cache=cache)
+    logits, cache = step(params, tokens[:, t:t + 1], cache)
     decoded.append(logits[:, 0])
-  full, _ = model.apply(params, tokens)
+  full, _ = jax.jit(model.apply)(params, tokens)
   err = rel(jnp.stack(decoded, 1), full[:, 10:])
   assert 0 < err < 1e-2  # bf16 rounding of the stored sums only (float32 state: < 1e-5)
 
