@@ -54,7 +54,7 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
   causal (flash) attention within the chunk; later chunks (a `lax.scan` carrying the cache,
   updated in place) attend over the cache. `chunk_size >= P` is a single call.
 
-  `row_block` (a divisor of B; None: all rows at once) prefills that many sequences at a time
+  `row_block` (a divisor of B; None or >= B: all rows at once) prefills that many sequences at a time
   (a `lax.map` writing into the one output cache), so the temporaries scale with the block
   rather than B: large decode batches then fit when prefilling them all at once would not.
   """
@@ -133,7 +133,8 @@ def decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, 
 
 def generate(config: ModelConfig, params, prompts, prompt_lengths=None, *,
              max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
-             eos_id: Optional[int] = None, max_len: Optional[int] = None) -> GenerateOutput:
+             eos_id: Optional[int] = None, max_len: Optional[int] = None,
+             prefill_row_block: Optional[int] = None) -> GenerateOutput:
   """Generates continuations of a batch of prompts.
 
   Args:
@@ -145,6 +146,8 @@ def generate(config: ModelConfig, params, prompts, prompt_lengths=None, *,
     seed: PRNG seed for sampling.
     eos_id: stop a row after this token (and the loop once all rows stopped).
     max_len: cache length for full-attention layers; at least P + N (the default).
+    prefill_row_block: prefill this many rows at a time (a divisor of B), for batches whose
+      one-shot prefill does not fit in memory (see `prefill`); None: all rows at once.
   """
   prompts = np.asarray(prompts)
   if prompt_lengths is None:
@@ -158,7 +161,8 @@ def generate(config: ModelConfig, params, prompts, prompt_lengths=None, *,
                      "full-attention caches cannot hold them")
   check_prompts(config, prompts, prompt_lengths, max_len)
   logits, cache = prefill(config, params, jnp.asarray(prompts, jnp.int32),
-                          jnp.asarray(prompt_lengths, jnp.int32), max_len)
+                          jnp.asarray(prompt_lengths, jnp.int32), max_len,
+                          row_block=prefill_row_block)
   out, _ = decode(config, params, logits, cache, jax.random.key(seed), max_new_tokens,
                   sampling, eos_id)
   return out

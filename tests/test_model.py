@@ -68,6 +68,8 @@ def test_generate_stops_rows_at_eos():
   params = init_params(config, seed=2)
   prompts = np.random.default_rng(1).integers(0, config.vocab_size, (2, 6))
   free = generate(config, params, prompts, max_new_tokens=8)
+  blocked = generate(config, params, prompts, max_new_tokens=8, prefill_row_block=1)
+  np.testing.assert_array_equal(blocked.tokens, free.tokens)  # row blocks change no token
   eos = int(free.tokens[0, 2])
   out = generate(config, params, prompts, max_new_tokens=8, eos_id=eos)
   first = int(np.argmax(np.asarray(free.tokens[0]) == eos))
@@ -193,6 +195,8 @@ def test_bad_tokens_and_prompts():
     generate(config, params, np.array([[-1, 2]]), max_new_tokens=2)
   with pytest.raises(ValueError, match="prompt_lengths"):
     generate(config, params, np.zeros((2, 3), np.int32), np.array([0, 3]), max_new_tokens=2)
+  with pytest.raises(ValueError, match="row_block must be a positive divisor of the batch 4"):
+    generate(config, params, np.zeros((4, 3), np.int32), max_new_tokens=2, prefill_row_block=3)
   tpp = get_config("transformer_pp_tiny")
   with pytest.raises(ValueError, match="max_len"):
     generate(tpp, init_params(tpp), np.zeros((1, 8), np.int32), max_new_tokens=4, max_len=10)
