@@ -54,9 +54,9 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
   causal (flash) attention within the chunk; later chunks (a `lax.scan` carrying the cache,
   updated in place) attend over the cache. `chunk_size >= P` is a single call.
 
-  `row_block` (a divisor of B; None or >= B: all rows at once) prefills that many sequences at a time
-  (a `lax.map` writing into the one output cache), so the temporaries scale with the block
-  rather than B: large decode batches then fit when prefilling them all at once would not.
+  `row_block` (a divisor of B; None or >= B: all rows at once) prefills that many sequences
+  at a time (a `lax.map` writing into the one output cache), so the temporaries scale with the
+  block rather than B: large decode batches then fit when prefilling them all at once would not.
   """
   b = prompts.shape[0]
   if row_block is None or row_block >= b:

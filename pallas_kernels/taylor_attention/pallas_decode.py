@@ -1,7 +1,7 @@
 """The fused decoding step of Taylor linear attention as a Pallas kernel (Triton lowering).
 
 Letters as in `reference.py`. For each (batch, head) and block of Dv value columns one program
-reads the float32 state (kv [E, Dv], k [E]) once, adds phi(k_t) v_t^T and phi(k_t), reads
+reads the state (kv [E, Dv] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and phi(k_t), reads
 out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in place (the state
 buffer is aliased to the output; the small k state is written to a fresh buffer, since
 several column blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
@@ -10,14 +10,14 @@ head, against the 2 E (D + 1) of reading and writing the state).
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
 2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv about halves it);
-the flops (about 6 E D) are negligible. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as
-112 is covered by a block of 128 whose overhanging columns are masked (no padded copies).
-The E state rows are loaded and stored `block_e` rows at a time (the remainder in power-of-two
-pieces, E = 153 = 64 + 64 + 16 + 8 + 1): a [256, 128] float32 tile spills registers (7.5x
-slower), while blocks of 64 rows reached 0.83 of the copy bandwidth at B=1024, H=16, D=112 and
-0.77-0.79 at B=256, D=64 (H100, measured with the former full basis, E = 273; blocks of 64
-columns and all 256 quadratic rows at once, the tiling before that: 0.69 and 0.78). See
-`experiments/bench_decode_step.py`.
+the flops (about 6 E D) are negligible. Value columns come in blocks of `max_block_d` (a power
+of two); a head dim such as 112 is covered by a block of 128 whose overhanging columns are
+masked (no padded copies). The E state rows are loaded and stored `block_e` rows at a time
+(the remainder in power-of-two pieces, E = 153 = 64 + 64 + 16 + 8 + 1): a [256, 128] float32
+tile spills registers (7.5x slower). On the H100 this reaches 0.82 of the copy bandwidth at
+B=1024, H=16, D=112 (0.72 with a bf16 kv) and 0.65 at B=256, D=64, where XLA's fusion is faster
+and `api` uses it (experiments/results/decode_step_packed_h100.json; the tiling was chosen with
+the former full basis, E = 273, decode_step_tiling_h100.json).
 """
 
 import functools
