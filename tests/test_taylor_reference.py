@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.taylor_attention import api, causal_taylor_attention, feature_width, reference, xla
-from pallas_kernels.taylor_attention import feature_map
+from pallas_kernels.taylor_attention import cyclic_basis
 from pallas_kernels.taylor_attention.feature_map import taylor_feature_map
 from pallas_kernels.taylor_attention.state import TaylorState
 
@@ -66,23 +66,29 @@ def test_feature_map_inner_product_is_taylor_polynomial():
   assert feature_width(16) == 153
 
 
-@pytest.mark.parametrize("f", [1, 4, 16])
-def test_pack_and_unpack_convert_between_the_full_and_packed_bases(f):
+@pytest.mark.parametrize("f", [2, 4, 16])
+def test_cyclic_basis_holds_the_packed_terms_in_kernel_order(f):
+  """The kernels' quadratic blocks give the same inner products as the packed features, and
+  their states convert exactly (to_kernel is an isometry, from_kernel its adjoint)."""
   r = np.random.default_rng(f)
   with jax.enable_x64(True):
-    x = r.normal(size=(3, f))
-    packed_features = np.asarray(taylor_feature_map(x))[:, 1 + f:]
-    # a state [2, F^2 or F(F+1)/2, 5] built from the features of 3 keys, rows on axis 1
-    values = r.normal(size=(3, 5))
-    full_state = np.einsum("tp,td->pd", full_quadratic(x), values)[None].repeat(2, 0)
-    packed_state = np.einsum("tp,td->pd", packed_features, values)[None].repeat(2, 0)
-    np.testing.assert_allclose(feature_map.pack_quadratic(full_state, f, axis=1), packed_state,
+    q, k = r.normal(size=(2, 7, f))
+    s = np.sum(q * k, -1) / np.sqrt(f)
+    blocks = lambda x: np.concatenate([np.asarray(b) for b in cyclic_basis.features(x)], -1)
+    assert blocks(q).shape[-1] == f + f * f // 2
+    np.testing.assert_allclose(np.sum(blocks(q) * blocks(k), -1), s * s / 2, rtol=1e-12)
+    # a state [2, rows, 5] summed from the features of 7 keys, rows on axis 1
+    values = r.normal(size=(7, 5))
+    packed_state = np.einsum("tp,td->pd", np.asarray(taylor_feature_map(k))[:, 1 + f:],
+                             values)[None].repeat(2, 0)
+    kernel_state = np.einsum("tp,td->pd", blocks(k), values)[None].repeat(2, 0)
+    np.testing.assert_allclose(cyclic_basis.to_kernel(packed_state, f, axis=1), kernel_state,
                                rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(feature_map.unpack_quadratic(packed_state, f, axis=1), full_state,
+    np.testing.assert_allclose(cyclic_basis.from_kernel(kernel_state, f, axis=1), packed_state,
                                rtol=1e-12, atol=1e-12)
-    any_packed = r.normal(size=(2, f * (f + 1) // 2, 5))  # pack(unpack(x)) = x for any x
+    any_packed = r.normal(size=(2, f * (f + 1) // 2, 5))  # from(to(x)) = x for any x
     np.testing.assert_allclose(
-        feature_map.pack_quadratic(feature_map.unpack_quadratic(any_packed, f, 1), f, 1),
+        cyclic_basis.from_kernel(cyclic_basis.to_kernel(any_packed, f, 1), f, 1),
         any_packed, rtol=1e-12, atol=1e-12)
 
 

@@ -10,9 +10,8 @@ The paper writes the quadratic block as the full outer product vec(x x^T) / (sqr
 (F^2 terms, E = 273 at F = 16); x x^T is symmetric, so only its F(F+1)/2 distinct terms are
 kept (E = 153), with the weights above making the inner products equal. Every state this
 package hands out (prefill, decoding) is in the packed basis: 0.56x the bytes of the full one,
-which is what a decoding step must read and write. The chunked kernels form the full outer
-product in registers (free there) and convert their state at the boundary (`pack_quadratic`,
-`unpack_quadratic`).
+which is what a decoding step must read and write. The chunked kernels keep the same terms in
+another order (`cyclic_basis.py`) and convert their state at the boundary.
 """
 
 import jax
@@ -55,33 +54,3 @@ def taylor_feature_map(x: jnp.ndarray) -> jnp.ndarray:
 def taylor_kernel(s: jnp.ndarray) -> jnp.ndarray:
   """phi(q) . phi(k) as a function of s = q . k / sqrt(F): 1 + s + s^2 / 2."""
   return 1.0 + s + 0.5 * s * s
-
-
-def _along(x: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-  """A 1-D array shaped to broadcast along `axis` of an ndim-D array."""
-  shape = [1] * ndim
-  shape[axis] = -1
-  return x.reshape(shape)
-
-
-def unpack_quadratic(packed: jnp.ndarray, feature_dim: int, axis: int) -> jnp.ndarray:
-  """A state's F(F+1)/2 packed quadratic rows along `axis` -> the F^2 rows of the full basis.
-
-  This is the isometry full = M packed (M^T M = I): a diagonal term is copied, an off-diagonal
-  pair's term is split as 1/sqrt(2) into both mirrored rows."""
-  f = feature_dim
-  i, j = quadratic_pairs(f)
-  index = np.zeros((f, f), np.int32)
-  index[i, j] = index[j, i] = np.arange(len(i))
-  coefficient = np.where(np.eye(f, dtype=bool), 1.0, 2.0**-0.5).reshape(-1)
-  return (jnp.take(packed, index.reshape(-1), axis=axis)
-          * _along(coefficient, packed.ndim, axis).astype(packed.dtype))
-
-
-def pack_quadratic(full: jnp.ndarray, feature_dim: int, axis: int) -> jnp.ndarray:
-  """The adjoint, packed = M^T full: F^2 full rows -> F(F+1)/2 packed rows (the two mirrored
-  terms of a pair add up, as their features do)."""
-  f = feature_dim
-  i, j = quadratic_pairs(f)
-  scale = _along(np.where(i == j, 0.5, 2.0**-0.5), full.ndim, axis).astype(full.dtype)
-  return (jnp.take(full, i * f + j, axis=axis) + jnp.take(full, j * f + i, axis=axis)) * scale

@@ -1,27 +1,30 @@
 """Chunked causal Taylor linear attention as Pallas kernels (Triton lowering), with a custom VJP.
 
 Letters as in `reference.py`: B batch, T time, H heads, F feature dim (d' = 16), D value head
-dim; C is the chunk length, P = F^2 the quadratic features, E = 1 + F + P the width of the full
-basis the kernels work in, L the segment length, S = T / L the number of segments.
+dim; C is the chunk length, W = F^2 / 2 the off-diagonal quadratic features, E = 1 + 2F + W
+(161 at F = 16) the width of the kernels' basis, L the segment length, S = T / L the number
+of segments.
 
-The kernels keep the full outer product vec(k k^T) (formed in registers, where its duplicate
-terms cost nothing to store and make the products plain reshapes); `chunked` converts the
-state it takes and returns to and from the packed basis of `feature_map.py` (E = 153).
+The basis. The kernels hold the quadratic features in the cyclic layout of `cyclic_basis.py`:
+a diagonal block diag(x) [F] and an off-diagonal block off(x) [W] of the distinct products
+x_i x_j, both power-of-two wide, formed in registers from the [C, F] tile (`_features`: off
+is the product of two exact 0/1 spreading matmuls). That is 144 quadratic rows instead of the
+full outer product's 256: 0.56x the state products, which dominate the arithmetic. `chunked`
+converts the state it takes and returns to and from the packed basis of `feature_map.py`.
 
-The state. Per (batch, head) the running sums over keys, float32 and on chip:
+The state. Per (batch, head) the running sums over keys, float32 and on chip, in four blocks:
 
-    a0 [D] = sum v,   a1 [F, D] = sum k~ v^T,   a2 [P, D] = sum phi2(k) v^T,
-    k0 [1], k1 [F], k2 [P]: the same sums without v (the normaliser),
+    a0 [D] = sum v,  a1 [F, D] = sum k~ v^T,  a2 [F, D] = sum diag(k) v^T,  a3 [W, D] = sum off(k) v^T
+    k0 [1], k1 [F], k2 [F], k3 [W]: the same sums without v (the normaliser),
 
-where k~ = k / F^(1/4) and phi2(k) = vec(k k^T) / (sqrt 2 sqrt F) are the linear and
-quadratic blocks of the feature map.
+where k~ = k / F^(1/4) is the linear block of the feature map.
 
 Tiling. Time is cut into S segments of L tokens, and one program owns one (batch, head,
 segment) triple (in the forward also one block of `block_d` value columns). It walks its
 segment C tokens at a time, starting from the state at the segment's start:
 
     s = q k^T / sqrt F,  w = causal(1 + s + s^2/2)                          [C, C]
-    num = w v + a0 + q~ a1 + phi2(q) a2,  den = rowsum w + k0 + q~.k1 + phi2(q).k2
+    num = w v + a0 + sum_i phi_i(q) a_i,  den = rowsum w + k0 + sum_i phi_i(q).k_i
     then the chunk's keys are added to the state.
 
 The segment start states come from a cheap first pass: one program per (batch, head, segment)
@@ -32,23 +35,25 @@ B = 8, H = 16, T = 8192 the kernels are throughput-bound (register-resident stat
 products) and S = 1 is fastest (compare `bench_prefill --variants=//8192,//1024`), so
 `segment_length` splits time only up to about TARGET_PROGRAMS programs.
 
-Nothing E-wide ever goes to HBM except these per-segment states: phi2 is formed in registers
-from the [C, F] tile (`_phi2`). Matrix products take the input dtype (bf16 runs on tensor cores)
-and accumulate in float32; the state, the numerator and the normaliser stay float32 through the
-division. With float32 inputs the products are IEEE float32.
+Nothing E-wide ever goes to HBM except these per-segment states. Matrix products take the
+input dtype (bf16 runs on tensor cores) and accumulate in float32; the state, the numerator and
+the normaliser stay float32 through the division. With float32 inputs the products are IEEE
+float32.
 
 Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y once
 (about 0.34 GB, 0.11 ms at 3 TB/s), a float32 normaliser per token and S float32 [E, D] states
-per (batch, head) (S = 4 would be 36 MB); the arithmetic is about 4 T P D (state read + update) +
-2 T C (F + D) (the chunk-local quadratic form) per (batch, head), about 9e10 flops, 0.1 ms at
-tensor-core rate. Measured, the forward takes 1.30 ms there (experiments/results/
-prefill_h100_d64.json): the kernels are bound by the
-issue rate of many small products on Triton's mma path (K = 16 for the phi2 spreading
-products, which are about 45% of the flops with expand="matmul"; a [P, block_d] float32 state
-held in registers caps block_d and warps), not by HBM. Closing the gap to the roofline needs
-warpgroup (wgmma) products with the state in shared memory: the Mosaic GPU lowering.
+per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
+read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
+spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
+(experiments/results/prefill_h100_d64.json) the forward takes 1.06 ms there (1.30 ms with the
+full 256-row basis) and forward + backward 4.76 ms (6.66 ms): the kernels are bound by the
+issue rate of many small products on Triton's mma path (K = 16 spreading products; a float32
+[E, block_d] state held in registers caps block_d and warps), not by HBM. Closing the gap to
+the roofline needs warpgroup (wgmma) products with the state in shared memory: the Mosaic GPU
+lowering. (Tried and dropped: loading x_i and x_j for `off` as two gathered loads of the
+q/k tile instead of the spreading products ran 2.5x slower in a one-off H100 run.)
 
-Backward: the same segment scheme, two walking kernels with a [P, D] float32 accumulator.
+Backward: the same segment scheme, two walking kernels with a [E, D] float32 accumulator.
 `_dq_kernel` walks forward from the segment start states saved by the forward pass;
 `_dkv_kernel` walks backward carrying the state's cotangent (sums of phi(q) g^T over later
 queries), seeded per segment with the final state's cotangent plus the sums of all later
@@ -62,10 +67,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.taylor_attention.feature_map import pack_quadratic, unpack_quadratic
+from pallas_kernels.taylor_attention import cyclic_basis
 from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stored_like
 
 
@@ -76,7 +82,6 @@ class Tiling:
   block_d: int = 64  # value columns per program (forward only; the backward keeps all of D)
   num_warps: int = 4  # Triton warps per program
   num_stages: int = 1  # Triton software-pipelining stages
-  expand: str = "reshape"  # how phi2 is formed in registers: "reshape" or "matmul" (`_phi2`)
 
   def __post_init__(self):
     for name in ("chunk", "block_d"):
@@ -85,16 +90,13 @@ class Tiling:
         raise ValueError(f"Tiling.{name} must be a power of two >= 16, got {x!r}")
     if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
       raise ValueError(f"bad Tiling num_warps={self.num_warps} num_stages={self.num_stages}")
-    if self.expand not in ("reshape", "matmul"):
-      raise ValueError(f"Tiling.expand must be 'reshape' or 'matmul', got {self.expand!r}")
 
 
-# Tuned on an H100 at B=8, H=16, D=64, bf16 (experiments/bench_prefill.py --variants).
-FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, expand="matmul")
-BACKWARD_TILING = Tiling(chunk=64, num_warps=8, expand="reshape")
-# float32 operands take twice the shared memory: at D = 112 (padded to 128) the bf16 backward
-# tiling asks for 288 KiB on an H100 (227 KiB available), so float32 gets half the chunk.
-BACKWARD_TILING_F32 = Tiling(chunk=32, num_warps=8, expand="reshape")
+# Tuned on an H100 at B=8, H=16, D=64, T=8192, bf16 (experiments/bench_prefill.py --variants):
+# the forward was fastest of the chunk / block_d / warps / stages tried; the backward at chunk
+# 32 takes 4.76 ms forward + backward against 7.42 ms at chunk 64 (prefill_h100_d64.json).
+FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4)
+BACKWARD_TILING = Tiling(chunk=32, num_warps=8)
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
 MIN_SEGMENT = 512  # auto segments: never shorter than this many tokens
 
@@ -116,48 +118,48 @@ def _dot(a, b, dtype, trans_a=False, trans_b=False):
                  precision=precision)
 
 
-def _spread(f, dtype):
-  """0/1 matrices [F, F*F]: x @ rep puts x_i at column i*F + m, x @ tile puts x_m there."""
-  rows = jax.lax.broadcasted_iota(jnp.int32, (f, f * f), 0)
-  cols = jax.lax.broadcasted_iota(jnp.int32, (f, f * f), 1)
-  return (cols // f == rows).astype(dtype), (cols % f == rows).astype(dtype)
-
-
-def _phi2(x, scale, expand):
-  """[C, F] -> [C, F*F]: scale * vec(x x^T) per row, column i*F + m holding x_i x_m.
-
-  expand="reshape" forms the outer product as a [C, F, F] tensor; "matmul" as the product of
-  two exact 0/1 spreading matmuls, which keeps everything in 2-D tensor-core layouts.
-  """
-  c, f = x.shape
-  if expand == "reshape":
-    xf = x.astype(jnp.float32)
-    return (xf[:, :, None] * xf[:, None, :]).reshape(c, f * f) * scale
-  rep, tile = _spread(f, x.dtype)
-  return _dot(x, rep, x.dtype) * _dot(x, tile, x.dtype) * scale
-
-
-def _phi2_vjp(x, dp, scale, expand):
-  """Cotangent of x [C, F] given the cotangent dp [C, F*F] of `_phi2(x, scale)`."""
-  c, f = x.shape
-  if expand == "reshape":
-    xf = x.astype(jnp.float32)
-    dp = dp.reshape(c, f, f)
-    return scale * (jnp.sum(dp * xf[:, None, :], axis=2) + jnp.sum(dp * xf[:, :, None], axis=1))
-  rep, tile = _spread(f, x.dtype)
-  x_rep, x_tile = _dot(x, rep, x.dtype), _dot(x, tile, x.dtype)
-  dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
-  return scale * (_dot(dp * x_tile, rep, dtype, trans_b=True)
-                  + _dot(dp * x_rep, tile, dtype, trans_b=True))
-
-
 class _Scales:
   """The feature map's constants for feature dim F."""
 
   def __init__(self, f: int):
     self.linear = f ** -0.25  # k~ = k / F^(1/4)
-    self.quad = 1.0 / (2.0 ** 0.5 * f ** 0.5)  # phi2(k) = vec(k k^T) / (sqrt 2 sqrt F)
+    self.quad = 1.0 / (2.0 ** 0.5 * f ** 0.5)  # diag(k) = quad k_i^2
     self.s = f ** -0.5  # s = q . k / sqrt F
+
+
+def _block_sizes(f: int) -> tuple[int, ...]:
+  """Rows of the state blocks: the constant, linear, diagonal and off-diagonal features."""
+  return 1, f, f, cyclic_basis.off_width(f)
+
+
+def _spreading(f, dtype):
+  """The 0/1 matrices (tile, roll) [F, F^2/2] and the weights w [1, F^2/2] of `off`."""
+  shape = (f, cyclic_basis.off_width(f))
+  p = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+  tile, roll = cyclic_basis.spreading_rows(f, p, jax.lax.broadcasted_iota(jnp.int32, shape, 0))
+  w = cyclic_basis.off_weight(jax.lax.broadcasted_iota(jnp.int32, (1, shape[1]), 1), f)
+  return tile.astype(dtype), roll.astype(dtype), w
+
+
+def _features(x, sc):
+  """[C, F] -> phi(x) after its constant, as float32 blocks (linear [C, F], diag [C, F],
+  off [C, F^2/2]) in the cyclic basis."""
+  tile, roll, w = _spreading(x.shape[1], x.dtype)
+  xf = x.astype(jnp.float32)
+  off = _dot(x, tile, x.dtype) * _dot(x, roll, x.dtype) * w
+  return xf * sc.linear, xf * xf * sc.quad, off
+
+
+def _features_vjp(x, cots, sc):
+  """Cotangent of x [C, F] given the cotangents of the three `_features` blocks."""
+  dl, dd, doff = cots
+  tile, roll, w = _spreading(x.shape[1], x.dtype)
+  dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
+  doff = doff * w
+  xf = x.astype(jnp.float32)
+  return (dl * sc.linear + 2.0 * sc.quad * xf * dd
+          + _dot(doff * _dot(x, roll, x.dtype), tile, dtype, trans_b=True)
+          + _dot(doff * _dot(x, tile, x.dtype), roll, dtype, trans_b=True))
 
 
 def _chunk_local(q, k, t0, chunk, length, sc):
@@ -172,62 +174,46 @@ def _chunk_local(q, k, t0, chunk, length, sc):
 
 
 def _load_state(kv_ref, k_ref, f):
-  """The state refs [E, Dv] and [E] (E = 1 + F + F^2) as float32 blocks (a0..a2, k0..k2)."""
-  p = f * f
-  a = (kv_ref[pl.ds(0, 1), :], kv_ref[pl.ds(1, f), :], kv_ref[pl.ds(1 + f, p), :])
-  ks = (k_ref[pl.ds(0, 1)], k_ref[pl.ds(1, f)], k_ref[pl.ds(1 + f, p)])
-  return a, ks
+  """The state refs [E, Dv] and [E] as float32 blocks, one per `_block_sizes` entry."""
+  starts = np.cumsum((0,) + _block_sizes(f))
+  return (tuple(kv_ref[pl.ds(int(s), n), :] for s, n in zip(starts, _block_sizes(f))),
+          tuple(k_ref[pl.ds(int(s), n)] for s, n in zip(starts, _block_sizes(f))))
 
 
 def _store_state(kv_ref, k_ref, a, ks, f):
-  p = f * f
-  for ref, val, (start, size) in ((kv_ref, a[0], (0, 1)), (kv_ref, a[1], (1, f)),
-                                  (kv_ref, a[2], (1 + f, p))):
-    ref[pl.ds(start, size), :] = val
-  if k_ref is not None:
-    for val, (start, size) in zip(ks, ((0, 1), (1, f), (1 + f, p))):
-      k_ref[pl.ds(start, size)] = val
+  for start, n, a_i, k_i in zip(np.cumsum((0,) + _block_sizes(f)), _block_sizes(f), a, ks):
+    kv_ref[pl.ds(int(start), n), :] = a_i
+    k_ref[pl.ds(int(start), n)] = k_i
 
 
 def _zero_state(f, d):
-  p = f * f
-  return ((jnp.zeros((1, d), jnp.float32), jnp.zeros((f, d), jnp.float32),
-           jnp.zeros((p, d), jnp.float32)),
-          (jnp.zeros((1,), jnp.float32), jnp.zeros((f,), jnp.float32),
-           jnp.zeros((p,), jnp.float32)))
+  return (tuple(jnp.zeros((n, d), jnp.float32) for n in _block_sizes(f)),
+          tuple(jnp.zeros((n,), jnp.float32) for n in _block_sizes(f)))
 
 
-def _features(x, sc, expand):
-  return x.astype(jnp.float32) * sc.linear, _phi2(x, sc.quad, expand)
-
-
-def _read_state(ql, qp, a, ks, dtype):
+def _read_state(feats, a, ks, dtype):
   """phi(q) . state for the numerator [C, Dv] and the normaliser [C]."""
-  num = a[0] + _dot(ql, a[1], dtype) + _dot(qp, a[2], dtype)
-  den = ks[0] + jnp.sum(ql * ks[1][None, :], axis=1) + jnp.sum(qp * ks[2][None, :], axis=1)
+  num, den = a[0], ks[0]
+  for x, a_i, k_i in zip(feats, a[1:], ks[1:]):
+    num += _dot(x, a_i, dtype)
+    den += jnp.sum(x * k_i[None, :], axis=1)
   return num, den
 
 
-def _add_keys(kl, kp, v, key_valid, a, ks, dtype):
-  """The state after adding the chunk's valid keys kl [C, F], kp [C, P] with values v [C, Dv]."""
-  m = key_valid.astype(jnp.float32)
-  kl, kp = kl * m[:, None], kp * m[:, None]
-  a = (a[0] + jnp.sum(v.astype(jnp.float32) * m[:, None], axis=0, keepdims=True),
-       a[1] + _dot(kl, v, dtype, trans_a=True),
-       a[2] + _dot(kp, v, dtype, trans_a=True))
-  ks = (ks[0] + jnp.sum(m, keepdims=True), ks[1] + jnp.sum(kl, axis=0), ks[2] + jnp.sum(kp, axis=0))
+def _accumulate(feats, g, r, a, ks, dtype):
+  """The sums a_0 + sum g, a_i + x_i^T g, k_0 + sum r, k_i + x_i^T r over a chunk's rows
+  (keys: g = values, r = 1; the backward's queries: g = dy / den, r = -(dy . y) / den)."""
+  a = (a[0] + jnp.sum(g, axis=0, keepdims=True),
+       *(a_i + _dot(x, g, dtype, trans_a=True) for x, a_i in zip(feats, a[1:])))
+  ks = (ks[0] + jnp.sum(r, keepdims=True),
+        *(k_i + jnp.sum(x * r[:, None], axis=0) for x, k_i in zip(feats, ks[1:])))
   return a, ks
 
 
-
-
-def _add_queries(ql, qp, g, r, da, dks, dtype):
-  """The state cotangent after adding the chunk's queries ql [C, F], qp [C, P] (g [C, D], r [C])."""
-  da = (da[0] + jnp.sum(g, axis=0, keepdims=True), da[1] + _dot(ql, g, dtype, trans_a=True),
-        da[2] + _dot(qp, g, dtype, trans_a=True))
-  dks = (dks[0] + jnp.sum(r, keepdims=True), dks[1] + jnp.sum(ql * r[:, None], axis=0),
-         dks[2] + jnp.sum(qp * r[:, None], axis=0))
-  return da, dks
+def _add_keys(feats, v, key_valid, a, ks, dtype):
+  """The state after adding the chunk's valid keys (features `feats`) with values v [C, Dv]."""
+  m = key_valid.astype(jnp.float32)
+  return _accumulate(feats, v.astype(jnp.float32) * m[:, None], m, a, ks, dtype)
 
 
 def _grads_in(dy, y, den):
@@ -244,7 +230,7 @@ def _key_valid(t0, chunk, length):
 # --- Kernels. Refs hold one segment: q, k [L, F], v, y, dy [L, D or block_d], den [L]. ---
 # Grid axis 2 is the segment; `start` is the absolute time of the segment's first token.
 
-def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk, expand):
+def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk):
   """One segment's sums phi(k) v^T and phi(k) over its valid keys."""
   t, f = k_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], k_ref.dtype
@@ -252,15 +238,14 @@ def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk, expand):
 
   def body(c, carry):
     rows = pl.ds(c * chunk, chunk)
-    kl, kp = _features(k_ref[rows, :], sc, expand)
-    return _add_keys(kl, kp, v_ref[rows, :], _key_valid(start + c * chunk, chunk, length),
-                     *carry, dtype)
+    return _add_keys(_features(k_ref[rows, :], sc), v_ref[rows, :],
+                     _key_valid(start + c * chunk, chunk, length), *carry, dtype)
 
   a, ks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, v_ref.shape[1]))
   _store_state(kv_ref, ks_ref, a, ks, f)
 
 
-def _query_sums_kernel(q_ref, y_ref, dy_ref, den_ref, dkv_ref, dks_ref, *, chunk, expand):
+def _query_sums_kernel(q_ref, y_ref, dy_ref, den_ref, dkv_ref, dks_ref, *, chunk):
   """One segment's sums phi(q) g^T and phi(q) r (the state cotangent it contributes)."""
   t, f = q_ref.shape
   sc, dtype = _Scales(f), q_ref.dtype
@@ -268,15 +253,14 @@ def _query_sums_kernel(q_ref, y_ref, dy_ref, den_ref, dkv_ref, dks_ref, *, chunk
   def body(c, carry):
     rows = pl.ds(c * chunk, chunk)
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
-    ql, qp = _features(q_ref[rows, :], sc, expand)
-    return _add_queries(ql, qp, g, r, *carry, dtype)
+    return _accumulate(_features(q_ref[rows, :], sc), g, r, *carry, dtype)
 
   da, dks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, y_ref.shape[1]))
   _store_state(dkv_ref, dks_ref, da, dks, f)
 
 
 def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
-                y_ref, den_ref, kv1_ref, k1_ref, *, chunk, eps, expand):
+                y_ref, den_ref, kv1_ref, k1_ref, *, chunk, eps):
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start = pl.program_id(2) * t
@@ -286,14 +270,12 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
     rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
     _, w, _, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
-    ql, qp = _features(q, sc, expand)
-    num, den = _read_state(ql, qp, a, ks, dtype)
+    num, den = _read_state(_features(q, sc), a, ks, dtype)
     num += _dot(w, v, dtype)
     den += jnp.sum(w, axis=1) + eps
     y_ref[rows, :] = (num / den[:, None]).astype(y_ref.dtype)
     den_ref[rows] = den
-    kl, kp = _features(k, sc, expand)
-    return _add_keys(kl, kp, v, key_valid, a, ks, dtype)
+    return _add_keys(_features(k, sc), v, key_valid, a, ks, dtype)
 
   a, ks = jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
 
@@ -303,7 +285,7 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
 
 
 def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0_ref,
-               dq_ref, *, chunk, expand):
+               dq_ref, *, chunk):
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start = pl.program_id(2) * t
@@ -315,19 +297,17 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
     s, _, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
-    dq = _dot(ds, k, dtype) * sc.s
-    dql = _dot(g, a[1], dtype, trans_b=True) + r[:, None] * ks[1][None, :]
-    dqp = _dot(g, a[2], dtype, trans_b=True) + r[:, None] * ks[2][None, :]
-    dq += dql * sc.linear + _phi2_vjp(q, dqp, sc.quad, expand)
+    dfeats = tuple(_dot(g, a_i, dtype, trans_b=True) + r[:, None] * k_i[None, :]
+                   for a_i, k_i in zip(a[1:], ks[1:]))
+    dq = _dot(ds, k, dtype) * sc.s + _features_vjp(q, dfeats, sc)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    kl, kp = _features(k, sc, expand)
-    return _add_keys(kl, kp, v, key_valid, a, ks, dtype)
+    return _add_keys(_features(k, sc), v, key_valid, a, ks, dtype)
 
   jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
 
 
 def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, dk1_ref,
-                dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk, expand):
+                dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk):
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start, n = pl.program_id(2) * t, t // chunk
@@ -340,18 +320,15 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, 
     g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
     s, w, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
-    kl, kp = _features(k, sc, expand)
     m = key_valid.astype(jnp.float32)[:, None]
-    dv = _dot(w, g, dtype, trans_a=True)
-    dv += m * (da[0] + _dot(kl, da[1], dtype) + _dot(kp, da[2], dtype))
-    dkl = _dot(v, da[1], dtype, trans_b=True) + dks[1][None, :]
-    dkp = _dot(v, da[2], dtype, trans_b=True) + dks[2][None, :]
-    dk = _dot(ds, q, dtype, trans_a=True) * sc.s
-    dk += m * (dkl * sc.linear + _phi2_vjp(k, dkp, sc.quad, expand))
+    dv = da[0] + sum(_dot(x, da_i, dtype) for x, da_i in zip(_features(k, sc), da[1:]))
+    dv = _dot(w, g, dtype, trans_a=True) + m * dv
+    dfeats = tuple(_dot(v, da_i, dtype, trans_b=True) + dk_i[None, :]
+                   for da_i, dk_i in zip(da[1:], dks[1:]))
+    dk = _dot(ds, q, dtype, trans_a=True) * sc.s + m * _features_vjp(k, dfeats, sc)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-    ql, qp = _features(q, sc, expand)
-    return _add_queries(ql, qp, g, r, da, dks, dtype)
+    return _accumulate(_features(q, sc), g, r, da, dks, dtype)
 
   da, dks = jax.lax.fori_loop(0, n, body, _load_state(dkv1_ref, dk1_ref, f))
 
@@ -397,7 +374,7 @@ def _state_shapes(*lead, e, d):
 
 def _call(kernel, tiling, interpret, **kw):
   return pl.pallas_call(
-      functools.partial(kernel, chunk=tiling.chunk, expand=tiling.expand, **kw.pop("static", {})),
+      functools.partial(kernel, chunk=tiling.chunk, **kw.pop("static", {})),
       compiler_params=plt.CompilerParams(num_warps=tiling.num_warps,
                                          num_stages=tiling.num_stages),
       interpret=interpret, **kw)
@@ -497,7 +474,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
             lengths: jnp.ndarray, *, eps: float, forward: Tiling = FORWARD_TILING,
-            backward: Tiling | None = None, segment: int | None = None,
+            backward: Tiling = BACKWARD_TILING, segment: int | None = None,
             interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """Causal Taylor linear attention through the Pallas kernels.
 
@@ -507,8 +484,7 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
       [B, H, E'], E' = `feature_width(F)`).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
-    forward, backward: the tilings of the forward and the backward kernels (backward None:
-      BACKWARD_TILING, or BACKWARD_TILING_F32 for float32 inputs).
+    forward, backward: the tilings of the forward and the backward kernels.
     segment: tokens per program along time (rounded up to the larger chunk); None picks it
       from the shape (`segment_length`).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
@@ -518,22 +494,21 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
   """
   b, t, h, f = q.shape
   d = v.shape[-1]
-  if backward is None:
-    wide = jnp.float32 in (q.dtype, k.dtype, v.dtype)
-    backward = BACKWARD_TILING_F32 if wide else BACKWARD_TILING
   seg = segment_length(b, h, t, max(forward.chunk, backward.chunk), segment)
   t_pad, d_pad = -(-t // seg) * seg, pl.next_power_of_2(d)
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
   options = _Options(eps=eps, seg=seg, forward=forward, backward=backward, interpret=interpret)
-  full = TaylorState(*(_change_basis(x, f, unpack_quadratic) for x in for_compute(state)))
-  y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(full.kv), full.k,
+  cyclic = TaylorState(*(_change_basis(x, f, cyclic_basis.to_kernel)
+                         for x in for_compute(state)))
+  y, kv, ks = _attention(pad_t(q), pad_t(k), pad_d(pad_t(v)), pad_d(cyclic.kv), cyclic.k,
                          lengths.astype(jnp.int32).reshape(b, 1), options)
-  final = TaylorState(*(_change_basis(x, f, pack_quadratic) for x in (kv[..., :d], ks)))
+  final = TaylorState(*(_change_basis(x, f, cyclic_basis.from_kernel)
+                        for x in (kv[..., :d], ks)))
   return y[:, :t, :, :d], stored_like(final, state)
 
 
 def _change_basis(x: jnp.ndarray, f: int, convert) -> jnp.ndarray:
   """A state [B, H, E, ...] with its quadratic rows (axis 2, after the 1 + F others) converted
-  between the packed basis of `feature_map.py` and the kernels' full F^2 one."""
+  between the packed basis of `feature_map.py` and the kernels' cyclic one."""
   return jnp.concatenate([x[:, :, :1 + f], convert(x[:, :, 1 + f:], f, axis=2)], axis=2)
