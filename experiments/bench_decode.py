@@ -305,8 +305,14 @@ def flops_per_step(config, batch: int, max_len: int) -> float:
   params = jax.eval_shape(lambda: init_params(config))
   cache = jax.eval_shape(lambda: as_carry(init_cache(config, batch, max_len)))
   tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-  lowered = jax.jit(lambda p, t, c: model.apply(p, t, cache=c)).lower(params, tokens, cache)
-  return float(lowered.cost_analysis()["flops"])
+  # Counted on the CPU backend: a GPU (PJRT plugin) cannot analyse unoptimised HLO, and one
+  # count everywhere keeps results comparable across machines.
+  with jax.default_device(jax.devices("cpu")[0]):
+    lowered = jax.jit(lambda p, t, c: model.apply(p, t, cache=c)).lower(params, tokens, cache)
+    cost = lowered.cost_analysis()
+  if not cost or "flops" not in cost:
+    raise RuntimeError(f"XLA gave no FLOP count for the decode step (got {cost!r})")
+  return float(cost["flops"])
 
 
 def compute_floors(config, batch: int, max_len: int, bytes_floor_s: float,
