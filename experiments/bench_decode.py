@@ -53,6 +53,7 @@ from based_jax.generate import decode, prefill
 from based_jax.mixers import attention
 from based_jax.model import LanguageModel, count_params, init_params
 from experiments.benchmarking import copy_bandwidth, run_metadata
+from pallas_kernels.taylor_attention import api as taylor_api
 from pallas_kernels.taylor_attention import feature_width
 
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m", "based_1b",
@@ -348,6 +349,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
   config = model_config(spec, dtype, attention_impl, attention_decode_impl)
   params_cache = {} if params_cache is None else params_cache
   attention.reset_implementations_used()
+  taylor_api.reset_implementations_used()
   try:
     if spec not in params_cache:
       params_cache.clear()  # one model's weights at a time
@@ -371,6 +373,8 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
   floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
   floor_s = floor["total"] / bandwidth
   peak = peak_device_bytes()
+  traced = {"attention_traced": attention.implementations_used(),  # before the FLOP count
+            "linear_attention_traced": taylor_api.implementations_used()}  # traces XLA paths
   return {"batch": batch, "prefill_chunk": prefill_chunk, "prefill_row_block": rows,
           "prefill_ms": 1e3 * prefill_s, "decode_ms_per_step": 1e3 * step_s,
           "decode_ms_per_step_min": 1e3 * min(t[1] for t in times) / new_tokens,
@@ -381,7 +385,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
           "floor_bytes_per_step": floor["total"], "floor_breakdown": floor,
           "floor_ms_per_step": 1e3 * floor_s, "ratio_to_floor": step_s / floor_s,
           **compute_floors(config, batch, prompt_len + new_tokens, floor_s, peak_flops),
-          "attention_traced": attention.implementations_used()}
+          **traced}
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -471,7 +475,8 @@ def pending_batches(result: Optional[dict], batches: list[int]) -> list[int]:
 def _summarise(result: dict) -> dict:
   result["rows"].sort(key=lambda r: r["batch"])
   rows = result["rows"]
-  result["attention_traced"] = sorted({n for r in rows for n in r.get("attention_traced", [])})
+  for key in ("attention_traced", "linear_attention_traced"):
+    result[key] = sorted({n for r in rows for n in r.get(key, [])})
   result["best"] = max(rows, key=lambda r: r["tokens_per_s"], default=None)
   return result
 
@@ -784,7 +789,9 @@ def main(argv):
                    "'decode:xla' = einsum over the [B, H, S, K] cache, 'decode:cudnn' = cuDNN "
                    "with per-row key lengths, 'chunked:xla' = masked attention over the cache "
                    "for prompt chunks after the first)",
-      "linear_attention": "pallas_kernels dispatch (config.linear_attention_impl)"})
+      "linear_attention": "pallas_kernels dispatch (config.linear_attention_impl); per model the "
+                          "paths traced, as '<chunked or decode>:<implementation>' that 'auto' "
+                          "resolved to"})
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   old = load_previous(_OUT.value + ".json", meta) if _RESUME.value else None
   previous = {r["model"]: r for r in old["results"]} if old else {}

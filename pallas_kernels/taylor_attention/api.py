@@ -41,6 +41,7 @@ QUADRATIC_MAX_T = 512
 # (experiments/results/decode_step_packed_h100.json, decode_step_packed_bf16_h100.json).
 DECODE_XLA_MAX_VALUE_DIM = 64
 _warned = set()
+_USED: set = set()
 
 
 def _check_inputs(q, k, v, state, lengths):
@@ -111,6 +112,16 @@ def _resolve(impl, q, k, v, state) -> str:
   return impl
 
 
+def implementations_used() -> list[str]:
+  """'<path>:<implementation>' for every call traced since the last reset, e.g. 'chunked:pallas',
+  'decode:xla' (what "auto" resolved to; benchmarks record this)."""
+  return sorted(_USED)
+
+
+def reset_implementations_used() -> None:
+  _USED.clear()
+
+
 def _reference_step(phi_q, phi_k, v, state, valid, eps):
   y, new = reference.feature_step(phi_q, phi_k, v, state, eps=eps)
   return y, reference.select_state(valid, new, state)
@@ -159,7 +170,9 @@ def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   _check_inputs(q, k, v, state, lengths)
   impl = _resolve(impl, q, k, v, state)
   b, t = q.shape[:2]
-  if t == 1 and state is not None:  # decoding: one step of the recurrence
+  decoding = t == 1 and state is not None
+  _USED.add(f"{'decode' if decoding else 'chunked'}:{impl}")
+  if decoding:  # one step of the recurrence
     phi_q, phi_k = taylor_feature_map(q[:, 0]), taylor_feature_map(k[:, 0])
     valid = jnp.ones((b,), bool) if lengths is None else lengths > 0
     if impl == "xla":
