@@ -228,5 +228,6 @@ def test_point_records_the_paths_generation_traced_not_the_flop_count():
       "based_tiny+la_feature_dim=16+linear_attention_impl=pallas_interpret", 2, prompt_len=8, new_tokens=2,
       dtype="float32", repeats=1, prefill_chunk=8, bandwidth=1e9, peak_flops=1e12)
   assert row["flops_per_step"] > 0
-  assert row["linear_attention_traced"] == ["chunked:pallas_interpret", "decode:pallas_interpret"]
+  assert row["linear_attention_traced"] == ["chunked:pallas_interpret",
+                                            "decode:pallas_interpret"]
   assert row["attention_traced"] == ["decode:xla", "prefill:xla"]

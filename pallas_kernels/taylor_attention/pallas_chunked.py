@@ -14,7 +14,8 @@ converts the state it takes and returns to and from the packed basis of `feature
 
 The state. Per (batch, head) the running sums over keys, float32 and on chip, in four blocks:
 
-    a0 [D] = sum v,  a1 [F, D] = sum k~ v^T,  a2 [F, D] = sum diag(k) v^T,  a3 [W, D] = sum off(k) v^T
+    a0 [D] = sum v,            a1 [F, D] = sum k~ v^T,
+    a2 [F, D] = sum diag(k) v^T,  a3 [W, D] = sum off(k) v^T,
     k0 [1], k1 [F], k2 [F], k3 [W]: the same sums without v (the normaliser),
 
 where k~ = k / F^(1/4) is the linear block of the feature map.
