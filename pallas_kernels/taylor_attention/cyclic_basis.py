@@ -83,8 +83,16 @@ def to_kernel(packed: jnp.ndarray, f: int, axis: int) -> jnp.ndarray:
 
 
 def from_kernel(rows: jnp.ndarray, f: int, axis: int) -> jnp.ndarray:
-  """The adjoint M^T: F + F^2/2 kernel rows -> F(F+1)/2 packed rows (doubled rows add up)."""
+  """The adjoint M^T: F + F^2/2 kernel rows -> F(F+1)/2 packed rows (doubled rows add up).
+
+  Two gathers, of each packed term's first and last kernel row (the same row for a term held
+  once, then weighted 0), which XLA fuses into one pass: no scatter, no transposed copy."""
   index, coefficient = _packed_index(f)
-  x = jnp.moveaxis(rows * _along(coefficient, rows.ndim, axis).astype(rows.dtype), axis, 0)
-  out = jnp.zeros((f * (f + 1) // 2, *x.shape[1:]), x.dtype).at[index].add(x)
-  return jnp.moveaxis(out, 0, axis)
+  by_term = np.argsort(index, kind="stable")
+  counts = np.bincount(index)
+  first = by_term[np.cumsum(counts) - counts]
+  last = by_term[np.cumsum(counts) - 1]
+  weight = lambda w: _along(w, rows.ndim, axis).astype(rows.dtype)
+  return (jnp.take(rows, first, axis=axis) * weight(coefficient[first])
+          + jnp.take(rows, last, axis=axis) * weight(np.where(last != first,
+                                                              coefficient[last], 0.0)))
