@@ -198,7 +198,7 @@ class Generation:
   prompt_len: int
   new_tokens: int
   prefill_chunk: int
-  prefill_row_block: Optional[int] = None  # None: every row in one prefill call.
+  prefill_row_block: Optional[int] = None  # rows per prefill call; None or >= batch: all.
 
   def compile(self, params) -> "Generation":
     max_len = self.prompt_len + self.new_tokens
@@ -356,13 +356,19 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
       params_cache[spec] = jax.jit(init_params, static_argnums=0)(config)
     params = params_cache[spec]
     rows = row_block_for(batch, prefill_row_block)
-    gen = Generation(config, batch, prompt_len, new_tokens, prefill_chunk,
-                     None if rows == batch else rows).compile(params)
+    gen = Generation(config, batch, prompt_len, new_tokens, prefill_chunk, rows).compile(params)
   except Exception as e:  # noqa: BLE001
     if is_oom(e):
       raise OutOfMemory("setup", first_line(e)) from e
     raise
+  # What compiling traced; taken now, as the FLOP count below traces every mixer's XLA path.
+  traced = {"attention_traced": attention.implementations_used(),
+            "linear_attention_traced": taylor_api.implementations_used()}
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+  floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
+  floor_s = floor["total"] / bandwidth
+  # Before the timing, so a failing count costs no measurement.
+  compute = compute_floors(config, batch, prompt_len + new_tokens, floor_s, peak_flops)
   prompts = jax.random.randint(jax.random.key(batch), (batch, prompt_len), 0,
                                config.vocab_size, jnp.int32)
   gen.run(params, prompts)  # warm-up
@@ -370,11 +376,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
   prefill_s = statistics.median(t[0] for t in times)
   decode_s = statistics.median(t[1] for t in times)
   step_s = decode_s / new_tokens
-  floor = bytes_breakdown(config, batch, prompt_len, new_tokens, param_bytes)
-  floor_s = floor["total"] / bandwidth
   peak = peak_device_bytes()
-  traced = {"attention_traced": attention.implementations_used(),  # before the FLOP count
-            "linear_attention_traced": taylor_api.implementations_used()}  # traces XLA paths
   return {"batch": batch, "prefill_chunk": prefill_chunk, "prefill_row_block": rows,
           "prefill_ms": 1e3 * prefill_s, "decode_ms_per_step": 1e3 * step_s,
           "decode_ms_per_step_min": 1e3 * min(t[1] for t in times) / new_tokens,
@@ -384,8 +386,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
           "param_bytes": param_bytes,
           "floor_bytes_per_step": floor["total"], "floor_breakdown": floor,
           "floor_ms_per_step": 1e3 * floor_s, "ratio_to_floor": step_s / floor_s,
-          **compute_floors(config, batch, prompt_len + new_tokens, floor_s, peak_flops),
-          **traced}
+          **compute, **traced}
 
 
 # ----------------------------------------------------------------------------- the sweep

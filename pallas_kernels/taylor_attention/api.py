@@ -86,6 +86,11 @@ def kernel_limits(q, k, v, state) -> Optional[str]:
   return None
 
 
+def _is_decode_step(q, state) -> bool:
+  """A single-token call with a state: one step of the recurrence."""
+  return q.shape[1] == 1 and state is not None
+
+
 def _resolve(impl, q, k, v, state) -> str:
   """The implementation to run: a kernel name or "xla"."""
   if impl == "xla":
@@ -100,8 +105,8 @@ def _resolve(impl, q, k, v, state) -> str:
         _warned.add(limit)
         warnings.warn(f"causal_taylor_attention: falling back to XLA for {limit}")
       return "xla"
-    decoding = q.shape[1] == 1 and state is not None
-    return "xla" if decoding and v.shape[-1] <= DECODE_XLA_MAX_VALUE_DIM else "pallas"
+    small_d = v.shape[-1] <= DECODE_XLA_MAX_VALUE_DIM
+    return "xla" if _is_decode_step(q, state) and small_d else "pallas"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
   if impl in ("pallas", "triton") and not on_gpu:
@@ -170,7 +175,7 @@ def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   _check_inputs(q, k, v, state, lengths)
   impl = _resolve(impl, q, k, v, state)
   b, t = q.shape[:2]
-  decoding = t == 1 and state is not None
+  decoding = _is_decode_step(q, state)
   _USED.add(f"{'decode' if decoding else 'chunked'}:{impl}")
   if decoding:  # one step of the recurrence
     phi_q, phi_k = taylor_feature_map(q[:, 0]), taylor_feature_map(k[:, 0])

@@ -1,10 +1,10 @@
 """The fused decoding step of Taylor linear attention as a Pallas kernel (Triton lowering).
 
 Letters as in `reference.py`. For each (batch, head) and block of Dv value columns one program
-reads the state (kv [E, Dv] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and phi(k_t), reads
-out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in place (the state
-buffer is aliased to the output; the small k state is written to a fresh buffer, since
-several column blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
+reads the state (kv [E, Dv] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and
+phi(k_t), reads out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in
+place (the state buffer is aliased to the output; the small k state is written to a fresh
+buffer, since several column blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
 `feature_map.taylor_feature_map` (one definition of the packed basis; they are 2 E floats per
 head, against the 2 E (D + 1) of reading and writing the state).
 
