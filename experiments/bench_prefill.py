@@ -41,9 +41,9 @@ _IMPLS = flags.DEFINE_list("impls", ["pallas", "fla_parallel", "fla_fused_chunk"
                            "What to time.")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _VARIANTS = flags.DEFINE_list(
-    "variants", [], "Extra tilings of our kernel, each FWD/BWD/SEGMENT with FWD = "
-    "chunk:block_d:num_warps:num_stages, BWD = chunk:num_warps:num_stages, SEGMENT tokens; "
-    "an empty part keeps the default (e.g. '//1024', '32:32:4:1').")
+    "variants", [], "Extra tilings of our kernel, each FWD/BWD/SEGMENT with FWD and BWD = "
+    "chunk:block_d:num_warps:num_stages, SEGMENT tokens; an empty part keeps the default "
+    "(e.g. '//1024', '32:32:4:1', '/32:32:8:3/').")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repetitions (median reported).")
 _OUT = flags.DEFINE_string("out", "experiments/results/prefill", "Output path prefix.")
@@ -65,12 +65,10 @@ def parse_variant(spec: str) -> dict:
   parts = (spec.split("/") + ["", ""])[:3]
   kw = {}
   try:
-    if parts[0]:
-      c, bd, w, s = parts[0].split(":")
-      kw["forward"] = pallas_chunked.Tiling(int(c), int(bd), int(w), int(s))
-    if parts[1]:
-      c, w, s = parts[1].split(":")
-      kw["backward"] = pallas_chunked.Tiling(chunk=int(c), num_warps=int(w), num_stages=int(s))
+    for name, part in zip(("forward", "backward"), parts):
+      if part:
+        c, bd, w, s = part.split(":")
+        kw[name] = pallas_chunked.Tiling(int(c), int(bd), int(w), int(s))
     if parts[2]:
       kw["segment"] = int(parts[2])
   except ValueError as e:

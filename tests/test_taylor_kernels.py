@@ -67,10 +67,11 @@ def float64_truth(q, k, v, state, lengths, cot=None):
     return jax.tree.map(np.asarray, (y, fin, grads))
 
 
-# Explicit tilings with several time segments (the default splits time only for small B H).
+# Explicit tilings with several time segments (the default splits time only for small B H)
+# and several dk/dv column blocks.
 SEGMENTED = {
     "seg64": dict(forward=pallas_chunked.Tiling(32, 32, 4, 1),
-                  backward=pallas_chunked.Tiling(16), segment=64),
+                  backward=pallas_chunked.Tiling(16, block_d=32), segment=64),
     "seg128": dict(forward=pallas_chunked.Tiling(64, 64, 4, 1),
                    backward=pallas_chunked.Tiling(32), segment=128),
 }

@@ -46,21 +46,27 @@ Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y 
 per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
 read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
 spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
-(experiments/results/prefill_h100_d64.json) the forward takes 1.06 ms there (1.30 ms with the
-full 256-row basis) and forward + backward 4.76 ms (6.66 ms): the kernels are bound by the
-issue rate of many small products on Triton's mma path (K = 16 spreading products; a float32
-[E, block_d] state held in registers caps block_d and warps), not by HBM. Closing the gap to
-the roofline needs warpgroup (wgmma) products with the state in shared memory: the Mosaic GPU
-lowering. (Tried and dropped: loading x_i and x_j for `off` as two gathered loads of the
+(experiments/results/prefill_h100_d64.json) the forward takes 0.81 ms there and forward +
+backward 3.86 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
+[E, block_d] state lives in registers), so an SM holds two 4-warp programs, 2 warps per
+scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
+instructions are float32 elementwise work and shuffles, the normaliser's row sums 16% of the
+time. Closing the gap to the roofline needs warpgroup (wgmma) products with the state in
+shared memory: the Mosaic GPU lowering. (Also tried and dropped: the normaliser as an
+[F, F] matrix, n0 + q~ . n1 + q^T N q, which replaces the row sums by tiny products whose
+layout changes cost more, 1.01 against 0.92 ms.) (Tried and dropped: loading x_i and x_j for `off` as two gathered loads of the
 q/k tile instead of the spreading products ran 2.5x slower in a one-off H100 run.)
 
-Backward: the same segment scheme, two walking kernels with a [E, D] float32 accumulator.
-`_dq_kernel` walks forward from the segment start states saved by the forward pass;
-`_dkv_kernel` walks backward carrying the state's cotangent (sums of phi(q) g^T over later
-queries), seeded per segment with the final state's cotangent plus the sums of all later
-segments (a first pass, `_query_sums_kernel`, and a reverse prefix sum), and returns the
-initial state's cotangent. With g = dy / den and r = -(dy . y) / den per query,
-dw_tj = g_t . v_j + r_t.
+Backward: the same segment scheme, two walking kernels with a float32 state-sized accumulator.
+With g = dy / den and r = -(dy . y) / den per query, dw_tj = g_t . v_j + r_t.
+`_dq_kernel` walks forward from the segment start states saved by the forward pass, over all
+of D (dq contracts over it), and also writes r. `_dkv_kernel` walks backward carrying the
+state's cotangent (sums of phi(q) g^T over later queries), seeded per segment with the final
+state's cotangent plus the sums of all later segments (a first pass, `_query_sums_kernel`, and
+a reverse prefix sum), and returns the initial state's cotangent. It splits D into `block_d`
+column programs like the forward: dv and the state cotangent split exactly, dk is a sum over
+the column blocks (each program writes its share in float32 and XLA adds them), and the
+normaliser's terms (r, its state cotangent) belong to block 0 alone.
 """
 
 import dataclasses
@@ -80,7 +86,7 @@ from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stor
 class Tiling:
   """How one kernel tiles its work (see the module docstring)."""
   chunk: int = 64  # C: tokens per step of a program's walk (a power of two >= 16)
-  block_d: int = 64  # value columns per program (forward only; the backward keeps all of D)
+  block_d: int = 64  # value columns per program (forward, and dk/dv; dq keeps all of D)
   num_warps: int = 4  # Triton warps per program
   num_stages: int = 1  # Triton software-pipelining stages
 
@@ -97,9 +103,10 @@ class Tiling:
 # the fastest of the chunk / block_d / warps / stages tried. Two stages let Triton prefetch the
 # next chunk's tiles while the current one computes: ncu showed a third of the forward's stall
 # samples on the stores of just-loaded tiles to shared memory with one stage (1.07 -> 0.86 ms
-# forward); the backward at chunk 32 beats chunk 64 by 1.5x (prefill_h100_d64.json).
+# forward); the backward at chunk 32 beats chunk 64 by 1.5x, and dk/dv in two 4-warp column
+# programs beat one 8-warp program (which spilled registers) by 2-3% (prefill_h100_d64.json).
 FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
-BACKWARD_TILING = Tiling(chunk=32, num_warps=8, num_stages=3)
+BACKWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
 MIN_SEGMENT = 512  # auto segments: never shorter than this many tokens
 
@@ -183,10 +190,15 @@ def _load_state(kv_ref, k_ref, f):
           tuple(k_ref[pl.ds(int(s), n)] for s, n in zip(starts, _block_sizes(f))))
 
 
+def _store_rows(ref, blocks, f):
+  """Writes the `_block_sizes` blocks of a state (kv [E, D] or k [E]) to its ref."""
+  for start, n, x in zip(np.cumsum((0,) + _block_sizes(f)), _block_sizes(f), blocks):
+    ref[pl.ds(int(start), n), ...] = x
+
+
 def _store_state(kv_ref, k_ref, a, ks, f):
-  for start, n, a_i, k_i in zip(np.cumsum((0,) + _block_sizes(f)), _block_sizes(f), a, ks):
-    kv_ref[pl.ds(int(start), n), :] = a_i
-    k_ref[pl.ds(int(start), n)] = k_i
+  _store_rows(kv_ref, a, f)
+  _store_rows(k_ref, ks, f)
 
 
 def _zero_state(f, d):
@@ -196,10 +208,12 @@ def _zero_state(f, d):
 
 def _read_state(feats, a, ks, dtype):
   """phi(q) . state for the numerator [C, Dv] and the normaliser [C]."""
-  num, den = a[0], ks[0]
-  for x, a_i, k_i in zip(feats, a[1:], ks[1:]):
+  num = a[0]
+  for x, a_i in zip(feats, a[1:]):
     num += _dot(x, a_i, dtype)
-    den += jnp.sum(x * k_i[None, :], axis=1)
+  (lin, diag, off), (k0, k1, k2, k3) = feats, ks  # the two [C, F] blocks share one row sum
+  den = (k0 + jnp.sum(lin * k1[None, :] + diag * k2[None, :], axis=1)
+         + jnp.sum(off * k3[None, :], axis=1))
   return num, den
 
 
@@ -288,7 +302,7 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
 
 
 def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0_ref,
-               dq_ref, *, chunk):
+               dq_ref, r_ref, *, chunk):
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start = pl.program_id(2) * t
@@ -304,23 +318,28 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
                    for a_i, k_i in zip(a[1:], ks[1:]))
     dq = _dot(ds, k, dtype) * sc.s + _features_vjp(q, dfeats, sc)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    r_ref[rows] = r
     return _add_keys(_features(k, sc), v, key_valid, a, ks, dtype)
 
   jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
 
 
-def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, dk1_ref,
+def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, dk1_ref,
                 dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk):
+  """dv and dk for one block of value columns: dk_ref takes this block's share of dk (the
+  caller sums the blocks); the normaliser's terms (r, dks) go to block 0 alone."""
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start, n = pl.program_id(2) * t, t // chunk
+  first = pl.program_id(3) == 0
 
   def body(i, carry):
     da, dks = carry  # cotangents of the state seen by later queries
     c = n - 1 - i
     rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
+    g = dy_ref[rows, :].astype(jnp.float32) / den_ref[rows][:, None]
+    r = jnp.where(first, r_ref[rows], 0.0)
     s, w, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
     m = key_valid.astype(jnp.float32)[:, None]
@@ -333,11 +352,13 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, dkv1_ref, 
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     return _accumulate(_features(q, sc), g, r, da, dks, dtype)
 
-  da, dks = jax.lax.fori_loop(0, n, body, _load_state(dkv1_ref, dk1_ref, f))
+  da, dks = _load_state(dkv1_ref, dk1_ref, f)
+  da, dks = jax.lax.fori_loop(0, n, body, (da, tuple(jnp.where(first, x, 0.0) for x in dks)))
 
   @pl.when(pl.program_id(2) == 0)
   def _():
-    _store_state(dkv0_ref, dk0_ref, da, dks, f)
+    _store_rows(dkv0_ref, da, f)
+    pl.when(first)(lambda: _store_rows(dk0_ref, dks, f))
 
 
 # --- pallas_call wrappers over [B, T, H, .] arrays (T a multiple of L, D a power of 2) ---
@@ -424,18 +445,26 @@ def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, s
         [dkv_ends + jax.lax.cumsum(dkv_sums, axis=2, reverse=True), dkv_ends], axis=2)
     dk_ends = jnp.concatenate(
         [dk_ends + jax.lax.cumsum(dk_sums, axis=2, reverse=True), dk_ends], axis=2)
-  seq_in = [_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d),
-            _seq_spec(seg, d), _seq_spec(seg, d), _den_spec(seg), *_segment_state_specs(e, d)]
-  common = dict(grid=(b, h, n), in_specs=seq_in)
-  dq = _call(_dq_kernel, tiling, interpret, out_specs=_seq_spec(seg, f),
-             out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), name="taylor_attention_dq",
-             **common)(lengths, q, k, v, y, dy, den, kv_starts, k_starts)
-  dk, dv, dkv0, dk0 = _call(
-      _dkv_kernel, tiling, interpret,
-      out_specs=[_seq_spec(seg, f), _seq_spec(seg, d), *_state_specs(e, d)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 *_state_shapes(b, h, e=e, d=d)],
-      name="taylor_attention_dkv", **common)(lengths, q, k, v, y, dy, den, dkv_ends, dk_ends)
+  dq, r = _call(
+      _dq_kernel, tiling, interpret, grid=(b, h, n),
+      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d),
+                _seq_spec(seg, d), _seq_spec(seg, d), _den_spec(seg),
+                *_segment_state_specs(e, d)],
+      out_specs=[_seq_spec(seg, f), _den_spec(seg)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, den.dtype)],
+      name="taylor_attention_dq")(lengths, q, k, v, y, dy, den, kv_starts, k_starts)
+  bd = min(tiling.block_d, d)
+  dk_blocks, dv, dkv0, dk0 = _call(
+      _dkv_kernel, tiling, interpret, grid=(b, h, n, d // bd),
+      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d, bd),
+                _seq_spec(seg, d, bd), _den_spec(seg), _den_spec(seg),
+                *_segment_state_specs(e, bd)],
+      out_specs=[pl.BlockSpec((None, None, seg, None, f), lambda b, h, s, j: (j, b, s, h, 0)),
+                 _seq_spec(seg, d, bd), *_state_specs(e, bd)],
+      out_shape=[jax.ShapeDtypeStruct((d // bd, *k.shape), jnp.float32),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype), *_state_shapes(b, h, e=e, d=d)],
+      name="taylor_attention_dkv")(lengths, q, k, v, dy, den, r, dkv_ends, dk_ends)
+  dk = jnp.sum(dk_blocks, axis=0).astype(k.dtype)
   return dq, dk, dv, dkv0, dk0
 
 
