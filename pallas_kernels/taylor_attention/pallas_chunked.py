@@ -52,10 +52,10 @@ backward 3.86 ms, not bound by HBM: ncu shows 239-255 registers per thread (the 
 scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
 instructions are float32 elementwise work and shuffles, the normaliser's row sums 16% of the
 time. Closing the gap to the roofline needs warpgroup (wgmma) products with the state in
-shared memory: the Mosaic GPU lowering. (Also tried and dropped: the normaliser as an
-[F, F] matrix, n0 + q~ . n1 + q^T N q, which replaces the row sums by tiny products whose
-layout changes cost more, 1.01 against 0.92 ms.) (Tried and dropped: loading x_i and x_j for `off` as two gathered loads of the
-q/k tile instead of the spreading products ran 2.5x slower in a one-off H100 run.)
+shared memory: the Mosaic GPU lowering. Tried and dropped: loading x_i and x_j for `off` as
+two gathered loads of the q/k tile instead of the spreading products (2.5x slower forward);
+the normaliser as an [F, F] matrix, n0 + q~ . n1 + q^T N q, whose tiny products and layout
+changes cost more than the row sums they replace (1.01 against 0.92 ms forward).
 
 Backward: the same segment scheme, two walking kernels with a float32 state-sized accumulator.
 With g = dy / den and r = -(dy . y) / den per query, dw_tj = g_t . v_j + r_t.
@@ -100,11 +100,12 @@ class Tiling:
 
 
 # Tuned on an H100 at B=8, H=16, D=64, T=8192, bf16 (experiments/bench_prefill.py --variants):
-# the fastest of the chunk / block_d / warps / stages tried. Two stages let Triton prefetch the
-# next chunk's tiles while the current one computes: ncu showed a third of the forward's stall
-# samples on the stores of just-loaded tiles to shared memory with one stage (1.07 -> 0.86 ms
-# forward); the backward at chunk 32 beats chunk 64 by 1.5x, and dk/dv in two 4-warp column
-# programs beat one 8-warp program (which spilled registers) by 2-3% (prefill_h100_d64.json).
+# the fastest of the chunk / block_d / warps / stages tried. Pipelining stages let Triton
+# prefetch the next chunk's tiles while the current one computes: with one stage ncu showed a
+# third of the forward's stall samples on stores of just-loaded tiles to shared memory (three
+# stages: 1.07 -> 0.81 ms forward; four or five no better). The backward at chunk 32 beats
+# chunk 64 by 1.5x, and dk/dv in two 4-warp column programs beat one 8-warp program over all
+# of D (which spilled registers) by 1.5-2.5% (prefill_h100_d64.json and its variants).
 FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 BACKWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
@@ -327,7 +328,8 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
 def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, dk1_ref,
                 dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk):
   """dv and dk for one block of value columns: dk_ref takes this block's share of dk (the
-  caller sums the blocks); the normaliser's terms (r, dks) go to block 0 alone."""
+  caller sums the blocks); the normaliser's terms (r, written by `_dq_kernel`, and the k
+  state's cotangent dks) go to block 0 alone."""
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start, n = pl.program_id(2) * t, t // chunk
@@ -451,7 +453,8 @@ def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, s
                 _seq_spec(seg, d), _seq_spec(seg, d), _den_spec(seg),
                 *_segment_state_specs(e, d)],
       out_specs=[_seq_spec(seg, f), _den_spec(seg)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(den.shape, den.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(den.shape, jnp.float32)],
       name="taylor_attention_dq")(lengths, q, k, v, y, dy, den, kv_starts, k_starts)
   bd = min(tiling.block_d, d)
   dk_blocks, dv, dkv0, dk0 = _call(
