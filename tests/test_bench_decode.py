@@ -225,8 +225,8 @@ def test_point_records_the_paths_generation_traced_not_the_flop_count():
   # The FLOP count traces the step again with every mixer on XLA; the row must still name the
   # implementations the timed generation used.
   row = bench_decode.measure_point(
-      "based_tiny+la_feature_dim=16+linear_attention_impl=pallas_interpret", 2, prompt_len=8, new_tokens=2,
-      dtype="float32", repeats=1, prefill_chunk=8, bandwidth=1e9, peak_flops=1e12)
+      "based_tiny+la_feature_dim=16+linear_attention_impl=pallas_interpret", 2, prompt_len=8,
+      new_tokens=2, dtype="float32", repeats=1, prefill_chunk=8, bandwidth=1e9, peak_flops=1e12)
   assert row["flops_per_step"] > 0
   assert row["linear_attention_traced"] == ["chunked:pallas_interpret",
                                             "decode:pallas_interpret"]

@@ -234,11 +234,15 @@ def _add_keys(feats, v, key_valid, a, ks, dtype):
   return _accumulate(feats, v.astype(jnp.float32) * m[:, None], m, a, ks, dtype)
 
 
+def _scaled_grad(dy, den):
+  """g = dy / den [C, D or block_d] for a chunk of queries."""
+  return dy.astype(jnp.float32) / den[:, None]
+
+
 def _grads_in(dy, y, den):
   """g = dy / den [C, D] and r = -(dy . y) / den [C] for a chunk of queries."""
-  dy = dy.astype(jnp.float32)
-  inv = 1.0 / den
-  return dy * inv[:, None], -jnp.sum(dy * y.astype(jnp.float32), axis=1) * inv
+  r = -jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=1) / den
+  return _scaled_grad(dy, den), r
 
 
 def _key_valid(t0, chunk, length):
@@ -340,7 +344,7 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, 
     c = n - 1 - i
     rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    g = dy_ref[rows, :].astype(jnp.float32) / den_ref[rows][:, None]
+    g = _scaled_grad(dy_ref[rows, :], den_ref[rows])
     r = jnp.where(first, r_ref[rows], 0.0)
     s, w, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
     ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)

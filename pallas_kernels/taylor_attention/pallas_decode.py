@@ -4,9 +4,9 @@ Letters as in `reference.py`. For each (batch, head) and block of Dv value colum
 reads the state (kv [E, Dv] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and
 phi(k_t), reads out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in
 place (the state buffer is aliased to the output; the small k state is written to a fresh
-buffer, since several column blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
-`feature_map.taylor_feature_map` (one definition of the packed basis; they are 2 E floats per
-head, against the 2 E (D + 1) of reading and writing the state).
+buffer, since several column blocks read it). The features phi(q_t), phi(k_t) [E] come in
+precomputed by `feature_map.taylor_feature_map` (one definition of the packed basis; they are
+2 E floats per head, against the 2 E (D + 1) of reading and writing the state).
 
 Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
 2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv about halves it);
