@@ -6,20 +6,22 @@ operations. The kernels use the same terms in a cyclic order instead, split into
 whose widths are powers of two (Triton's tiles need that):
 
     diag(x)  [F]        quad x_i^2                          for i < F
-    off(x)   [F^2 / 2]  w_m x_i x_((i + m) mod F)           at column (m - 1) F + i, 1 <= m <= F/2
+    off(x)   [F^2 / 2]  x_i x_((i + m) mod F) / sqrt F      at column (m - 1) F + i, 1 <= m <= F/2
 
-with quad = 1 / (sqrt 2 sqrt F) (the full outer product's scale), w_m = sqrt 2 quad for
-m < F/2 and w_{F/2} = quad: for m = F/2 the pairs (i, i + F/2) and (i + F/2, i) are the same
-term, kept twice at half weight. So diag(q).diag(k) + off(q).off(k) = s^2 / 2 as in the other
+with quad = 1 / (sqrt 2 sqrt F), the packed basis's weights. For m = F/2 the pairs (i, i + F/2)
+and (i + F/2, i) are the same term: it is kept at i < F/2 and the F/2 columns i >= F/2 of that
+block are dead (always zero). So diag(q).diag(k) + off(q).off(k) = s^2 / 2 as in the other
 bases, with F + F^2/2 = 144 quadratic rows at F = 16 instead of the full basis's 256 (0.56x
-the state products in the kernels) and only 8 rows more than the packed basis.
+the state products in the kernels), 8 rows more than the packed basis.
 
-`off` is formed in registers as (x @ tile) * (x @ roll) * w from two exact 0/1 matrices
-[F, F^2/2] (`spreading_rows`), so everything stays in 2-D tensor-core layouts.
+`off` is formed in registers as (x / sqrt F) @ tile * (x @ roll) from two exact 0/1 matrices
+[F, F^2/2] (`spreading_rows`; tile's dead columns are zero), so everything stays in 2-D
+tensor-core layouts and the weight costs a multiply of the [C, F] tile, not of the [C, F^2/2]
+block (x / sqrt F is exact in bf16 for F = 4^n, such as 16).
 
 Conversion of a state's quadratic rows to and from the packed basis is the isometry
-kernel = M packed (M^T M = I): a row copies its packed term, except the two rows of an
-m = F/2 pair, which each take 1/sqrt 2 of it (`to_kernel`; `from_kernel` is M^T).
+kernel = M packed (M^T M = I): every packed term has one kernel row, which copies it, and the
+dead rows are zero (`to_kernel`; `from_kernel` is M^T, a gather).
 """
 
 import jax.numpy as jnp
@@ -38,16 +40,15 @@ def partner(p, f: int):
   return (p % f + p // f + 1) % f
 
 
-def off_weight(p, f: int):
-  """w of off-diagonal column p: quad sqrt 2, or quad for the doubled m = F/2 pairs."""
-  quad = 1.0 / (2.0 ** 0.5 * f ** 0.5)
-  return jnp.where(p // f + 1 == f // 2, quad, quad * 2.0 ** 0.5)
+def live(p, f: int):
+  """Whether off-diagonal column p holds a term (False for the dead half of block m = F/2)."""
+  return (p // f + 1 < f // 2) | (p % f < f // 2)
 
 
 def spreading_rows(f: int, p, rows):
   """(tile, roll) [F, F^2/2] 0/1 masks from integer grids `rows` (i) and `p` (column):
-  x @ tile puts x_i at column p, x @ roll puts x_partner(p) there."""
-  return p % f == rows, partner(p, f) == rows
+  x @ tile puts x_i at live column p (dead columns get 0), x @ roll puts x_partner(p) there."""
+  return (p % f == rows) & live(p, f), partner(p, f) == rows
 
 
 def features(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -55,18 +56,17 @@ def features(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
   f = x.shape[-1]
   p = np.arange(off_width(f))
   quad = 1.0 / (2.0 ** 0.5 * f ** 0.5)
-  return x * x * quad, x[..., p % f] * x[..., partner(p, f)] * off_weight(p, f)
+  return x * x * quad, x[..., p % f] * x[..., partner(p, f)] * np.where(live(p, f), f**-0.5, 0.0)
 
 
 def _packed_index(f: int) -> tuple[np.ndarray, np.ndarray]:
-  """For each kernel quadratic row (diag, then off): its packed term and M's coefficient."""
+  """For each kernel quadratic row (diag, then off): its packed term and whether it is live."""
   i, j = quadratic_pairs(f)
   index = np.zeros((f, f), np.int32)
   index[i, j] = index[j, i] = np.arange(len(i))
   p = np.arange(off_width(f))
   rows = np.concatenate([np.arange(f), p % f]), np.concatenate([np.arange(f), partner(p, f)])
-  coefficient = np.where(np.concatenate([np.zeros(f), p // f + 1]) == f // 2, 2.0**-0.5, 1.0)
-  return index[rows], coefficient
+  return index[rows], np.concatenate([np.ones(f, bool), live(p, f)])
 
 
 def _along(x: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -77,22 +77,15 @@ def _along(x: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 def to_kernel(packed: jnp.ndarray, f: int, axis: int) -> jnp.ndarray:
   """A state's F(F+1)/2 packed quadratic rows along `axis` -> the F + F^2/2 kernel rows."""
-  index, coefficient = _packed_index(f)
-  return jnp.take(packed, index, axis=axis) * _along(coefficient, packed.ndim, axis).astype(
+  index, is_live = _packed_index(f)
+  return jnp.take(packed, index, axis=axis) * _along(is_live, packed.ndim, axis).astype(
       packed.dtype)
 
 
 def from_kernel(rows: jnp.ndarray, f: int, axis: int) -> jnp.ndarray:
-  """The adjoint M^T: F + F^2/2 kernel rows -> F(F+1)/2 packed rows (doubled rows add up).
-
-  Two gathers, of each packed term's first and last kernel row (the same row for a term held
-  once, then weighted 0), which XLA fuses into one pass: no scatter, no transposed copy."""
-  index, coefficient = _packed_index(f)
-  by_term = np.argsort(index, kind="stable")
-  counts = np.bincount(index)
-  first = by_term[np.cumsum(counts) - counts]
-  last = by_term[np.cumsum(counts) - 1]
-  weight = lambda w: _along(w, rows.ndim, axis).astype(rows.dtype)
-  return (jnp.take(rows, first, axis=axis) * weight(coefficient[first])
-          + jnp.take(rows, last, axis=axis) * weight(np.where(last != first,
-                                                              coefficient[last], 0.0)))
+  """The adjoint M^T: F + F^2/2 kernel rows -> F(F+1)/2 packed rows (a gather of the live
+  rows, dead rows dropped)."""
+  index, is_live = _packed_index(f)
+  row_of_term = np.zeros(f * (f + 1) // 2, np.int64)
+  row_of_term[index[is_live]] = np.flatnonzero(is_live)
+  return jnp.take(rows, row_of_term, axis=axis)

@@ -8,9 +8,10 @@ of segments.
 The basis. The kernels hold the quadratic features in the cyclic layout of `cyclic_basis.py`:
 a diagonal block diag(x) [F] and an off-diagonal block off(x) [W] of the distinct products
 x_i x_j, both power-of-two wide, formed in registers from the [C, F] tile (`_features`: off
-is the product of two exact 0/1 spreading matmuls). That is 144 quadratic rows instead of the
-full outer product's 256: 0.56x the state products, which dominate the arithmetic. `chunked`
-converts the state it takes and returns to and from the packed basis of `feature_map.py`.
+is the product of two exact 0/1 spreading matmuls, of x / sqrt F and of x). That is 144
+quadratic rows instead of the full outer product's 256: 0.56x the state products, which
+dominate the arithmetic. `chunked` converts the state it takes and returns to and from the
+packed basis of `feature_map.py`.
 
 The state. Per (batch, head) the running sums over keys, float32 and on chip, in four blocks:
 
@@ -46,8 +47,8 @@ Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y 
 per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
 read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
 spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
-(experiments/results/prefill_h100_d64.json) the forward takes 0.81 ms there and forward +
-backward 3.86 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
+(experiments/results/prefill_h100_d64.json) the forward takes 0.78-0.84 ms there and forward +
+backward 3.41-3.46 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
 [E, block_d] state lives in registers), so an SM holds two 4-warp programs, 2 warps per
 scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
 instructions are float32 elementwise work and shuffles, the normaliser's row sums 16% of the
@@ -55,18 +56,25 @@ time. Closing the gap to the roofline needs warpgroup (wgmma) products with the 
 shared memory: the Mosaic GPU lowering. Tried and dropped: loading x_i and x_j for `off` as
 two gathered loads of the q/k tile instead of the spreading products (2.5x slower forward);
 the normaliser as an [F, F] matrix, n0 + q~ . n1 + q^T N q, whose tiny products and layout
-changes cost more than the row sums they replace (1.01 against 0.92 ms forward).
+changes cost more than the row sums they replace (1.01 against 0.92 ms forward); the
+normaliser as 16 extra value columns of ones, so that its state is read and updated by the
+same tensor-core products as the values (no row or column sums): 2x slower (1.65 against
+0.81 ms forward), the narrow products and their operand layout changes again dearer than the
+reductions. Multiplying by 1 / den instead of dividing every element saves 1-3%.
 
 Backward: the same segment scheme, two walking kernels with a float32 state-sized accumulator.
-With g = dy / den and r = -(dy . y) / den per query, dw_tj = g_t . v_j + r_t.
-`_dq_kernel` walks forward from the segment start states saved by the forward pass, over all
-of D (dq contracts over it), and also writes r. `_dkv_kernel` walks backward carrying the
-state's cotangent (sums of phi(q) g^T over later queries), seeded per segment with the final
-state's cotangent plus the sums of all later segments (a first pass, `_query_sums_kernel`, and
-a reverse prefix sum), and returns the initial state's cotangent. It splits D into `block_d`
-column programs like the forward: dv and the state cotangent split exactly, dk is a sum over
-the column blocks (each program writes its share in float32 and XLA adds them), and the
-normaliser's terms (r, its state cotangent) belong to block 0 alone.
+With g = dy / den and r = -(dy . y) / den per query (r is one XLA reduction before the
+kernels), dw_tj = g_t . v_j + r_t. `_dq_kernel` walks forward from the segment start states
+saved by the forward pass; `_dkv_kernel` walks backward carrying the state's cotangent (sums
+of phi(q) g^T over later queries), seeded per segment with the final state's cotangent plus
+the sums of all later segments (a first pass, `_query_sums_kernel`, and a reverse prefix sum),
+and returns the initial state's cotangent. All of them split D into `block_d` column programs
+like the forward: dv and the state cotangent split exactly; dq and dk are sums over the column
+blocks (each program writes its share in float32 and XLA adds them), and the normaliser's
+terms (r, its state cotangent) belong to block 0 alone. Splitting dq too (it used to take all
+of D in one program, 128 programs for 132 SMs) made forward + backward 1.12x faster (3.93 ->
+3.46 ms in one A/B run); giving every block its own share of r instead (computed in-kernel
+from a y block, no XLA reduction) was 1.17x slower.
 """
 
 import dataclasses
@@ -86,7 +94,7 @@ from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stor
 class Tiling:
   """How one kernel tiles its work (see the module docstring)."""
   chunk: int = 64  # C: tokens per step of a program's walk (a power of two >= 16)
-  block_d: int = 64  # value columns per program (forward, and dk/dv; dq keeps all of D)
+  block_d: int = 64  # value columns per program (every kernel splits D into such blocks)
   num_warps: int = 4  # Triton warps per program
   num_stages: int = 1  # Triton software-pipelining stages
 
@@ -104,8 +112,8 @@ class Tiling:
 # prefetch the next chunk's tiles while the current one computes: with one stage ncu showed a
 # third of the forward's stall samples on stores of just-loaded tiles to shared memory (three
 # stages: 1.07 -> 0.81 ms forward; four or five no better). The backward at chunk 32 beats
-# chunk 64 by 1.5x, and dk/dv in two 4-warp column programs beat one 8-warp program over all
-# of D (which spilled registers) by 1.5-2.5% (prefill_h100_d64.json and its variants).
+# chunk 64 by 1.5x and chunk 16 by 1.5%; two 4-warp column programs beat one 8-warp program over
+# all of D (which spilled registers) and 16-column blocks (2.7x slower); 2 stages cost 8%.
 FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 BACKWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
@@ -136,6 +144,7 @@ class _Scales:
     self.linear = f ** -0.25  # k~ = k / F^(1/4)
     self.quad = 1.0 / (2.0 ** 0.5 * f ** 0.5)  # diag(k) = quad k_i^2
     self.s = f ** -0.5  # s = q . k / sqrt F
+    self.off = f ** -0.5  # off(x) = x_i x_j / sqrt F
 
 
 def _block_sizes(f: int) -> tuple[int, ...]:
@@ -144,33 +153,38 @@ def _block_sizes(f: int) -> tuple[int, ...]:
 
 
 def _spreading(f, dtype):
-  """The 0/1 matrices (tile, roll) [F, F^2/2] and the weights w [1, F^2/2] of `off`."""
+  """The 0/1 matrices (tile, roll) [F, F^2/2] of `off`."""
   shape = (f, cyclic_basis.off_width(f))
   p = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   tile, roll = cyclic_basis.spreading_rows(f, p, jax.lax.broadcasted_iota(jnp.int32, shape, 0))
-  w = cyclic_basis.off_weight(jax.lax.broadcasted_iota(jnp.int32, (1, shape[1]), 1), f)
-  return tile.astype(dtype), roll.astype(dtype), w
+  return tile.astype(dtype), roll.astype(dtype)
+
+
+def _spread(x, sc):
+  """x / sqrt F @ tile and x @ roll [C, F^2/2], the two factors of `off` (a [C, F] input)."""
+  tile, roll = _spreading(x.shape[1], x.dtype)
+  xs = (x.astype(jnp.float32) * sc.off).astype(x.dtype)
+  return _dot(xs, tile, x.dtype), _dot(x, roll, x.dtype)
 
 
 def _features(x, sc):
   """[C, F] -> phi(x) after its constant, as float32 blocks (linear [C, F], diag [C, F],
   off [C, F^2/2]) in the cyclic basis."""
-  tile, roll, w = _spreading(x.shape[1], x.dtype)
   xf = x.astype(jnp.float32)
-  off = _dot(x, tile, x.dtype) * _dot(x, roll, x.dtype) * w
-  return xf * sc.linear, xf * xf * sc.quad, off
+  x_tile, x_roll = _spread(x, sc)
+  return xf * sc.linear, xf * xf * sc.quad, x_tile * x_roll
 
 
 def _features_vjp(x, cots, sc):
   """Cotangent of x [C, F] given the cotangents of the three `_features` blocks."""
   dl, dd, doff = cots
-  tile, roll, w = _spreading(x.shape[1], x.dtype)
+  tile, roll = _spreading(x.shape[1], x.dtype)
   dtype = jnp.float32 if x.dtype == jnp.float32 else x.dtype
-  doff = doff * w
+  x_tile, x_roll = _spread(x, sc)
   xf = x.astype(jnp.float32)
   return (dl * sc.linear + 2.0 * sc.quad * xf * dd
-          + _dot(doff * _dot(x, roll, x.dtype), tile, dtype, trans_b=True)
-          + _dot(doff * _dot(x, tile, x.dtype), roll, dtype, trans_b=True))
+          + _dot(doff * x_roll, tile, dtype, trans_b=True) * sc.off
+          + _dot(doff * x_tile, roll, dtype, trans_b=True))
 
 
 def _chunk_local(q, k, t0, chunk, length, sc):
@@ -234,15 +248,16 @@ def _add_keys(feats, v, key_valid, a, ks, dtype):
   return _accumulate(feats, v.astype(jnp.float32) * m[:, None], m, a, ks, dtype)
 
 
-def _scaled_grad(dy, den):
-  """g = dy / den [C, D or block_d] for a chunk of queries."""
-  return dy.astype(jnp.float32) / den[:, None]
+def _grads_in(dy_ref, den_ref, r_ref, rows, first):
+  """g = dy / den [C, block_d] and r [C] for a chunk of queries; r is zero unless `first`
+  (column block 0: the normaliser's terms of a sum over column blocks belong to one block)."""
+  inv = 1.0 / den_ref[rows]  # one division per row, not per element
+  return dy_ref[rows, :].astype(jnp.float32) * inv[:, None], jnp.where(first, r_ref[rows], 0.0)
 
 
-def _grads_in(dy, y, den):
-  """g = dy / den [C, D] and r = -(dy . y) / den [C] for a chunk of queries."""
-  r = -jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=1) / den
-  return _scaled_grad(dy, den), r
+def _score_grad(g, v, r, s, keep, dtype):
+  """ds [C, C], the cotangent of the chunk-local scores s (dw = g v^T + r, w = 1 + s + s^2/2)."""
+  return jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
 
 
 def _key_valid(t0, chunk, length):
@@ -267,18 +282,20 @@ def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk):
   _store_state(kv_ref, ks_ref, a, ks, f)
 
 
-def _query_sums_kernel(q_ref, y_ref, dy_ref, den_ref, dkv_ref, dks_ref, *, chunk):
-  """One segment's sums phi(q) g^T and phi(q) r (the state cotangent it contributes)."""
+def _query_sums_kernel(q_ref, dy_ref, den_ref, r_ref, dkv_ref, dks_ref, *, chunk):
+  """One segment's sums phi(q) g^T and phi(q) r (the state cotangent it contributes), for one
+  block of value columns (the r sums in block 0)."""
   t, f = q_ref.shape
-  sc, dtype = _Scales(f), q_ref.dtype
+  sc, dtype, first = _Scales(f), q_ref.dtype, pl.program_id(3) == 0
 
   def body(c, carry):
     rows = pl.ds(c * chunk, chunk)
-    g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
+    g, r = _grads_in(dy_ref, den_ref, r_ref, rows, first)
     return _accumulate(_features(q_ref[rows, :], sc), g, r, *carry, dtype)
 
-  da, dks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, y_ref.shape[1]))
-  _store_state(dkv_ref, dks_ref, da, dks, f)
+  da, dks = jax.lax.fori_loop(0, t // chunk, body, _zero_state(f, dy_ref.shape[1]))
+  _store_rows(dkv_ref, da, f)
+  pl.when(first)(lambda: _store_rows(dks_ref, dks, f))
 
 
 def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
@@ -295,7 +312,7 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
     num, den = _read_state(_features(q, sc), a, ks, dtype)
     num += _dot(w, v, dtype)
     den += jnp.sum(w, axis=1) + eps
-    y_ref[rows, :] = (num / den[:, None]).astype(y_ref.dtype)
+    y_ref[rows, :] = (num * (1.0 / den)[:, None]).astype(y_ref.dtype)
     den_ref[rows] = den
     return _add_keys(_features(k, sc), v, key_valid, a, ks, dtype)
 
@@ -306,24 +323,24 @@ def _fwd_kernel(len_ref, q_ref, k_ref, v_ref, kv0_ref, k0_ref,
     _store_state(kv1_ref, k1_ref, a, ks, f)
 
 
-def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0_ref,
-               dq_ref, r_ref, *, chunk):
+def _dq_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, kv0_ref, k0_ref,
+               dq_ref, *, chunk):
+  """One block of value columns' share of dq (the caller sums the blocks)."""
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
-  start = pl.program_id(2) * t
+  start, first = pl.program_id(2) * t, pl.program_id(3) == 0
 
   def body(c, carry):
     a, ks = carry
     rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    g, r = _grads_in(dy_ref[rows, :], y_ref[rows, :], den_ref[rows])
+    g, r = _grads_in(dy_ref, den_ref, r_ref, rows, first)
     s, _, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
-    ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
+    ds = _score_grad(g, v, r, s, keep, dtype)
     dfeats = tuple(_dot(g, a_i, dtype, trans_b=True) + r[:, None] * k_i[None, :]
                    for a_i, k_i in zip(a[1:], ks[1:]))
     dq = _dot(ds, k, dtype) * sc.s + _features_vjp(q, dfeats, sc)
-    dq_ref[rows, :] = dq.astype(dq_ref.dtype)
-    r_ref[rows] = r
+    dq_ref[rows, :] = dq
     return _add_keys(_features(k, sc), v, key_valid, a, ks, dtype)
 
   jax.lax.fori_loop(0, t // chunk, body, _load_state(kv0_ref, k0_ref, f))
@@ -332,8 +349,8 @@ def _dq_kernel(len_ref, q_ref, k_ref, v_ref, y_ref, dy_ref, den_ref, kv0_ref, k0
 def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, dk1_ref,
                 dk_ref, dv_ref, dkv0_ref, dk0_ref, *, chunk):
   """dv and dk for one block of value columns: dk_ref takes this block's share of dk (the
-  caller sums the blocks); the normaliser's terms (r, written by `_dq_kernel`, and the k
-  state's cotangent dks) go to block 0 alone."""
+  caller sums the blocks); the normaliser's terms (r and the k state's cotangent dks) go to
+  block 0 alone."""
   t, f = q_ref.shape
   sc, length, dtype = _Scales(f), len_ref[...], q_ref.dtype
   start, n = pl.program_id(2) * t, t // chunk
@@ -344,17 +361,16 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, 
     c = n - 1 - i
     rows = pl.ds(c * chunk, chunk)
     q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-    g = _scaled_grad(dy_ref[rows, :], den_ref[rows])
-    r = jnp.where(first, r_ref[rows], 0.0)
+    g, r = _grads_in(dy_ref, den_ref, r_ref, rows, first)
     s, w, keep, key_valid = _chunk_local(q, k, start + c * chunk, chunk, length, sc)
-    ds = jnp.where(keep, (_dot(g, v, dtype, trans_b=True) + r[:, None]) * (1.0 + s), 0.0)
+    ds = _score_grad(g, v, r, s, keep, dtype)
     m = key_valid.astype(jnp.float32)[:, None]
     dv = da[0] + sum(_dot(x, da_i, dtype) for x, da_i in zip(_features(k, sc), da[1:]))
     dv = _dot(w, g, dtype, trans_a=True) + m * dv
     dfeats = tuple(_dot(v, da_i, dtype, trans_b=True) + dk_i[None, :]
                    for da_i, dk_i in zip(da[1:], dks[1:]))
     dk = _dot(ds, q, dtype, trans_a=True) * sc.s + m * _features_vjp(k, dfeats, sc)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    dk_ref[rows, :] = dk
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
     return _accumulate(_features(q, sc), g, r, da, dks, dtype)
 
@@ -437,42 +453,43 @@ def _forward(q, k, v, kv0, k0, lengths, *, eps, seg, tiling, interpret):
 
 def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, seg, tiling,
               interpret):
+  """Gradients of `_forward`; every kernel splits D into `block_d` column programs, and dq
+  and dk are summed over the column blocks here."""
   b, t, h, f = q.shape
   d, e, n = v.shape[-1], dkv1.shape[2], t // seg
+  bd = min(tiling.block_d, d)
+  grid = (b, h, n, d // bd)
+  r = -jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1).transpose(0, 2, 1) / den
   dkv_ends, dk_ends = dkv1[:, :, None], dk1[:, :, None]
   if n > 1:  # the cotangent each segment's end state gets from the queries of later segments
     dkv_sums, dk_sums = _call(
-        _query_sums_kernel, tiling, interpret, grid=(b, h, n - 1),
-        in_specs=[_seq_spec(seg, f, shift=1), _seq_spec(seg, d, shift=1),
-                  _seq_spec(seg, d, shift=1), _den_spec(seg, shift=1)],
-        out_specs=list(_segment_state_specs(e, d)), out_shape=_state_shapes(b, h, n - 1, e=e, d=d),
-        name="taylor_attention_query_sums")(q, y, dy, den)
+        _query_sums_kernel, tiling, interpret, grid=(b, h, n - 1, d // bd),
+        in_specs=[_seq_spec(seg, f, shift=1), _seq_spec(seg, d, bd, shift=1),
+                  _den_spec(seg, shift=1), _den_spec(seg, shift=1)],
+        out_specs=list(_segment_state_specs(e, bd)),
+        out_shape=_state_shapes(b, h, n - 1, e=e, d=d),
+        name="taylor_attention_query_sums")(q, dy, den, r)
     dkv_ends = jnp.concatenate(
         [dkv_ends + jax.lax.cumsum(dkv_sums, axis=2, reverse=True), dkv_ends], axis=2)
     dk_ends = jnp.concatenate(
         [dk_ends + jax.lax.cumsum(dk_sums, axis=2, reverse=True), dk_ends], axis=2)
-  dq, r = _call(
-      _dq_kernel, tiling, interpret, grid=(b, h, n),
-      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d),
-                _seq_spec(seg, d), _seq_spec(seg, d), _den_spec(seg),
-                *_segment_state_specs(e, d)],
-      out_specs=[_seq_spec(seg, f), _den_spec(seg)],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(den.shape, jnp.float32)],
-      name="taylor_attention_dq")(lengths, q, k, v, y, dy, den, kv_starts, k_starts)
-  bd = min(tiling.block_d, d)
-  dk_blocks, dv, dkv0, dk0 = _call(
-      _dkv_kernel, tiling, interpret, grid=(b, h, n, d // bd),
-      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d, bd),
-                _seq_spec(seg, d, bd), _den_spec(seg), _den_spec(seg),
-                *_segment_state_specs(e, bd)],
-      out_specs=[pl.BlockSpec((None, None, seg, None, f), lambda b, h, s, j: (j, b, s, h, 0)),
-                 _seq_spec(seg, d, bd), *_state_specs(e, bd)],
-      out_shape=[jax.ShapeDtypeStruct((d // bd, *k.shape), jnp.float32),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype), *_state_shapes(b, h, e=e, d=d)],
+  seq_specs = [_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d, bd),
+               _seq_spec(seg, d, bd), _den_spec(seg), _den_spec(seg)]
+  shares = jax.ShapeDtypeStruct((d // bd, b, t, h, f), jnp.float32)  # per column block
+  share_spec = pl.BlockSpec((None, None, seg, None, f), lambda b, h, s, j: (j, b, s, h, 0))
+  dq = _call(
+      _dq_kernel, tiling, interpret, grid=grid,
+      in_specs=[*seq_specs, *_segment_state_specs(e, bd)], out_specs=share_spec,
+      out_shape=shares, name="taylor_attention_dq")(
+          lengths, q, k, v, dy, den, r, kv_starts, k_starts)
+  dk, dv, dkv0, dk0 = _call(
+      _dkv_kernel, tiling, interpret, grid=grid,
+      in_specs=[*seq_specs, *_segment_state_specs(e, bd)],
+      out_specs=[share_spec, _seq_spec(seg, d, bd), *_state_specs(e, bd)],
+      out_shape=[shares, jax.ShapeDtypeStruct(v.shape, v.dtype), *_state_shapes(b, h, e=e, d=d)],
       name="taylor_attention_dkv")(lengths, q, k, v, dy, den, r, dkv_ends, dk_ends)
-  dk = jnp.sum(dk_blocks, axis=0).astype(k.dtype)
-  return dq, dk, dv, dkv0, dk0
+  return (jnp.sum(dq, axis=0).astype(q.dtype), jnp.sum(dk, axis=0).astype(k.dtype), dv, dkv0,
+          dk0)
 
 
 @dataclasses.dataclass(frozen=True)
