@@ -47,8 +47,8 @@ Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y 
 per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
 read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
 spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
-(experiments/results/prefill_h100_d64.json) the forward takes 0.78-0.84 ms there and forward +
-backward 3.41-3.46 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
+(experiments/results/prefill_h100_d64.json) the forward takes 0.84 ms there and forward +
+backward 3.46 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
 [E, block_d] state lives in registers), so an SM holds two 4-warp programs, 2 warps per
 scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
 instructions are float32 elementwise work and shuffles, the normaliser's row sums 16% of the
@@ -195,8 +195,7 @@ def _chunk_local(q, k, t0, chunk, length, sc):
   cols = t0 + jax.lax.broadcasted_iota(jnp.int32, (chunk, chunk), 1)
   keep = (cols <= rows) & (cols < length)
   w = jnp.where(keep, 1.0 + s + 0.5 * s * s, 0.0)
-  key_valid = (t0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)) < length
-  return s, w, keep, key_valid
+  return s, w, keep, _key_valid(t0, chunk, length)
 
 
 def _load_state(kv_ref, k_ref, f):
