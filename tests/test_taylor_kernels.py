@@ -260,8 +260,9 @@ def test_auto_on_gpu_picks_the_measured_faster_path(monkeypatch, t, d, with_stat
 
 
 def test_decode_row_blocks_tile_the_state_rows():
-  assert pallas_decode.row_blocks(153, 64) == [(0, 64), (64, 64), (128, 16), (144, 8), (152, 1)]
-  assert pallas_decode.row_blocks(153, 256) == [(0, 128), (128, 16), (144, 8), (152, 1)]
+  assert pallas_decode.row_blocks(153, 64) == (64, [(0, 0), (64, 64), (89, 128)])
+  assert pallas_decode.row_blocks(153, 256) == (128, [(0, 0), (25, 128)])  # at most E rows
+  assert pallas_decode.row_blocks(128, 32) == (32, [(0, 0), (32, 32), (64, 64), (96, 96)])
   q, k, v, state = random_case(0, 1, 1, 1, 64, jnp.float32, with_state=True)
   phi = taylor_feature_map(q[:, 0])
   with pytest.raises(ValueError, match="block_e must be a power of two, got 24"):

@@ -12,12 +12,15 @@ Roofline: memory-bound. Per step and head the floor is one read and one write of
 2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv about halves it);
 the flops (about 6 E D) are negligible. Value columns come in blocks of `max_block_d` (a power
 of two); a head dim such as 112 is covered by a block of 128 whose overhanging columns are
-masked (no padded copies). The E state rows are loaded and stored `block_e` rows at a time
-(the remainder in power-of-two pieces, E = 153 = 64 + 64 + 16 + 8 + 1): a [256, 128] float32
-tile spills registers (7.5x slower). On the H100 this reaches 0.82 of the copy bandwidth at
-B=1024, H=16, D=112 (0.72 with a bf16 kv) and 0.65 at B=256, D=64, where XLA's fusion is faster
-and `api` uses it (experiments/results/decode_step_packed_h100.json; the tiling was chosen with
-the former full basis, E = 273, decode_step_tiling_h100.json).
+masked (no padded copies). The E state rows are loaded and stored `block_e` rows at a time,
+each block a power of two and the last one ending at row E over its predecessor's last rows,
+masked (E = 153: rows 0, 32, 64, 96 and 121 with 121-127 masked). That is five full-width
+round trips per program where the earlier split into power-of-two pieces (64 + 64 + 16 + 8 + 1)
+spent two of its five on 9 rows: 1.02-1.05x faster at B = 256 (same-process A/B, H100); a
+[256, 128] float32 tile spills registers (7.5x slower), and loading every block before
+updating any was no faster. In that A/B run (B = 256, H = 16, D = 64, float32 kv) the kernel
+reached 0.74 of the copy bandwidth and XLA's fusion 0.75; XLA stays the faster one at D = 64
+with a float32 kv, and `api` uses it there.
 """
 
 import functools
@@ -30,16 +33,14 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels.taylor_attention.state import TaylorState
 
 
-def row_blocks(e: int, block_e: int) -> list[tuple[int, int]]:
-  """(start, size) of the row blocks covering E rows: size block_e, then powers of two."""
+def row_blocks(e: int, block_e: int) -> tuple[int, list[tuple[int, int]]]:
+  """Blocks of rows covering E state rows: the block size (block_e, at most the largest power
+  of two <= E) and each block's (start, first_new): the last block ends at row E, overlapping
+  its predecessor, and rows before first_new are masked (an earlier block owns them)."""
   if block_e < 1 or block_e & (block_e - 1):
     raise ValueError(f"block_e must be a power of two, got {block_e}")
-  blocks, start = [], 0
-  while start < e:
-    size = min(block_e, 1 << ((e - start).bit_length() - 1))
-    blocks.append((start, size))
-    start += size
-  return blocks
+  size = min(block_e, 1 << (e.bit_length() - 1))
+  return size, [(min(start, e - size), start) for start in range(0, e, size)]
 
 
 def _kernel(valid_ref, phi_q_ref, phi_k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *,
@@ -50,26 +51,30 @@ def _kernel(valid_ref, phi_q_ref, phi_k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_ou
   v = plt.load(v_ref, mask=col_ok, other=0.0).astype(jnp.float32) * valid
   num = jnp.zeros(v.shape, jnp.float32)
   den = jnp.zeros((), jnp.float32)
-  for start, size in row_blocks(phi_q_ref.shape[0], block_e):
+  size, blocks = row_blocks(phi_q_ref.shape[0], block_e)
+  for start, first_new in blocks:
     rows = pl.ds(start, size)
-    phi_q, phi_k = phi_q_ref[rows], phi_k_ref[rows] * valid
-    kv = plt.load(kv_ref.at[rows, :], mask=col_ok[None, :], other=0.0).astype(jnp.float32)
+    new = start + jnp.arange(size) >= first_new
+    mask = new[:, None] & col_ok[None, :]
+    phi_q = jnp.where(new, phi_q_ref[rows], 0.0)  # masked rows add nothing to y
+    phi_k = phi_k_ref[rows] * valid
+    kv = plt.load(kv_ref.at[rows, :], mask=mask, other=0.0).astype(jnp.float32)
     kv += phi_k[:, None] * v[None, :]
     ks = ks_ref[rows] + phi_k
-    plt.store(kv_out.at[rows, :], kv.astype(kv_out.dtype), mask=col_ok[None, :])
+    plt.store(kv_out.at[rows, :], kv.astype(kv_out.dtype), mask=mask)
     num += jnp.sum(phi_q[:, None] * kv, axis=0)
     den += jnp.sum(phi_q * ks)
 
     @pl.when(pl.program_id(2) == 0)  # every column block computes ks; one writes it
     def _():
-      ks_out[rows] = ks
+      plt.store(ks_out.at[rows], ks, mask=new)
 
   plt.store(y_ref, (num / (den + eps)).astype(y_ref.dtype), mask=col_ok)
 
 
 def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorState,
          valid: jnp.ndarray, *, eps: float, num_warps: int = 4, max_block_d: int = 128,
-         block_e: int = 64, interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
+         block_e: int = 32, interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
   """One decoding step for a batch.
 
   Args:
