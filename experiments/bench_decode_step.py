@@ -31,7 +31,7 @@ _DV = flags.DEFINE_list("value_dims", ["64", "112"], "Value head dims D.")
 _IMPLS = flags.DEFINE_list("impls", ["pallas", "triton", "xla"], "What to time.")
 _TILINGS = flags.DEFINE_list(
     "pallas_tilings", [], "Also time the Pallas kernel directly with these tilings, each "
-    "num_warps:max_block_d:block_e (e.g. 4:128:64; see pallas_decode.step).")
+    "num_warps:max_block_d:block_e (e.g. 4:128:32; see pallas_decode.step).")
 _STATE_DTYPE = flags.DEFINE_enum("state_dtype", "float32", list(STATE_DTYPES),
                                   "Storage dtype of the numerator state kv (k stays float32).")
 _REPEATS = flags.DEFINE_integer("repeats", 50, "Timed repetitions (median reported).")

@@ -30,7 +30,6 @@ from absl import app, flags  # noqa: E402
 
 from experiments.benchmarking import median_ms, run_metadata  # noqa: E402
 from pallas_kernels.taylor_attention import causal_taylor_attention, pallas_chunked  # noqa: E402
-from pallas_kernels.taylor_attention.reference import initial_state  # noqa: E402
 
 _T = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
 _DV = flags.DEFINE_list("value_dims", ["64", "112"], "Value head dims D.")
@@ -78,7 +77,7 @@ def parse_variant(spec: str) -> dict:
 
 def _pallas_variant(q, k, v, **tiling):
   b, t = q.shape[:2]
-  return pallas_chunked.chunked(q, k, v, initial_state(None, q, v),
+  return pallas_chunked.chunked(q, k, v, None,
                                 jnp.full((b,), t, jnp.int32), eps=1e-6, **tiling)[0]
 
 

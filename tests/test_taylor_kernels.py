@@ -81,9 +81,8 @@ def attend(q, k, v, state, lengths, impl, tiling):
   """causal_taylor_attention, or the kernels directly with an explicit tiling."""
   if tiling is None:
     return causal_taylor_attention(q, k, v, state=state, lengths=lengths, impl=impl)
-  return pallas_chunked.chunked(q, k, v, reference.initial_state(state, q, v), lengths,
-                                eps=1e-6, interpret=impl == "pallas_interpret",
-                                **SEGMENTED[tiling])
+  return pallas_chunked.chunked(q, k, v, state, lengths, eps=1e-6,
+                                interpret=impl == "pallas_interpret", **SEGMENTED[tiling])
 
 
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
@@ -122,6 +121,34 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
     assert rel(g, g_ref) < tol, name
 
 
+@pytest.mark.parametrize("impl", CHUNK_IMPLS)
+@pytest.mark.parametrize("with_state, tiling, use_k_state", [
+    (False, None, False), (True, None, False), (False, "seg64", False), (True, "seg64", False),
+    (True, "seg64", True)])
+def test_chunked_kernel_gradients_when_the_final_state_is_unused(impl, with_state, tiling,
+                                                                 use_k_state):
+  """Training uses y alone: the final state's cotangent is then a symbolic zero and the
+  backward starts from zero instead of a [B, H, E, D] zero state (also when only the
+  normaliser state is used)."""
+  b, t, h, d = 2, 200, 2, 64
+  q, k, v, state = random_case(5, b, t, h, d, jnp.float32, with_state)
+  lengths = jnp.array([t, 150], jnp.int32)
+  r = np.random.default_rng(1)
+  cot = (r.normal(size=v.shape), 0.0, r.normal(size=(b, h, E)) * 0.01 if use_k_state else 0.0)
+  zero = TaylorState(jnp.zeros((b, h, E, d)), jnp.zeros((b, h, E)))
+
+  def loss(q, k, v, kv, ks):
+    y, fin = attend(q, k, v, TaylorState(kv, ks) if with_state else None, lengths, impl, tiling)
+    return jnp.sum(y * cot[0]) + jnp.sum(fin.k * cot[2])
+
+  poison_device_memory()
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(q, k, v, *(state or zero))
+  _, _, grads_ref = float64_truth(q, k, v, state, lengths, cot)
+  for name, g, g_ref in zip(("dq", "dk", "dv", "dkv0", "dk0")[:5 if with_state else 3],
+                            grads, grads_ref):
+    assert rel(g, g_ref) < TOL[jnp.float32], name
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_kernels_lower_to_triton_on_any_backend(dtype):
   """The Triton lowering runs without a GPU, so CPU CI catches a kernel that uses an operation
@@ -130,7 +157,7 @@ def test_kernels_lower_to_triton_on_any_backend(dtype):
   v = jnp.zeros((2, 256, 2, 112), dtype)
 
   def loss(q, k, v):
-    y, fin = pallas_chunked.chunked(q, k, v, reference.initial_state(None, q, v),
+    y, fin = pallas_chunked.chunked(q, k, v, None,
                                     jnp.array([256, 200], jnp.int32), eps=1e-6, segment=128)
     return jnp.sum(y.astype(jnp.float32)) + jnp.sum(fin.kv)
 

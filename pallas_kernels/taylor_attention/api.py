@@ -36,8 +36,8 @@ KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # trains 64-512 token sequences 1.3-14x faster than the chunked scan on a 2-core CPU, and is
 # slower at 1024 (experiments/results/cpu_training.json).
 QUADRATIC_MAX_T = 512
-# On the H100 with the packed state, XLA's fused decode step beat the Pallas kernel by 4-26% at
-# D = 64 (B = 256, 1024; float32 and bf16 kv) and lost by 10-15% at D = 112
+# On the H100 with the packed state, XLA's fused decode step beat the Pallas kernel by 8-23% at
+# D = 64 (B = 256, 1024; float32 and bf16 kv) and lost by 15-23% at D = 112
 # (experiments/results/decode_step_packed_h100.json, decode_step_packed_bf16_h100.json).
 DECODE_XLA_MAX_VALUE_DIM = 64
 _warned = set()
@@ -193,5 +193,5 @@ def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
       return reference.quadratic(q, k, v, state=state, key_mask=key_mask, eps=eps)
     return xla.chunked(q, k, v, state=state, key_mask=key_mask, eps=eps)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.minimum(lengths, t)
-  return pallas_chunked.chunked(q, k, v, reference.initial_state(state, q, v), lengths,
-                                eps=eps, interpret=impl == "pallas_interpret")
+  return pallas_chunked.chunked(q, k, v, state, lengths, eps=eps,
+                                interpret=impl == "pallas_interpret")

@@ -14,13 +14,15 @@ the flops (about 6 E D) are negligible. Value columns come in blocks of `max_blo
 of two); a head dim such as 112 is covered by a block of 128 whose overhanging columns are
 masked (no padded copies). The E state rows are loaded and stored `block_e` rows at a time,
 each block a power of two and the last one ending at row E over its predecessor's last rows,
-masked (E = 153: rows 0, 32, 64, 96 and 121 with 121-127 masked). That is five full-width
-round trips per program where the earlier split into power-of-two pieces (64 + 64 + 16 + 8 + 1)
-spent two of its five on 9 rows: 1.02-1.05x faster at B = 256 (same-process A/B, H100); a
-[256, 128] float32 tile spills registers (7.5x slower), and loading every block before
-updating any was no faster. In that A/B run (B = 256, H = 16, D = 64, float32 kv) the kernel
-reached 0.74 of the copy bandwidth and XLA's fusion 0.75; XLA stays the faster one at D = 64
-with a float32 kv, and `api` uses it there.
+masked (E = 153: rows 0, 32, 64, 96 and 121 with 121-127 masked). The earlier split into
+power-of-two pieces (64 + 64 + 16 + 8 + 1) spent two of its five round trips on 9 rows; the
+equal blocks were 1.01-1.05x faster at B = 256 and 1.00-1.02x at B = 1024 (same-process A/B on
+the H100, float32 and bf16 kv, D = 64 and 112). Loading every block before updating any was no
+faster, and splitting the rows over programs (partial sums added by XLA) slower; a [256, 128]
+float32 tile spills registers (7.5x slower). Measured (experiments/results/
+decode_step_packed_h100.json, H100) the kernel reaches 0.71 of the copy bandwidth at B = 256,
+H = 16, D = 64 (XLA's fusion 0.80: `api` uses XLA at D <= 64) and 0.77-0.84 at D = 112, ahead
+of XLA's 0.66-0.71.
 """
 
 import functools
