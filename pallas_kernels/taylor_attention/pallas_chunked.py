@@ -47,7 +47,7 @@ Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y 
 per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
 read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
 spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
-(experiments/results/prefill_h100_d64.json) the forward takes 0.84 ms there and forward +
+(experiments/results/prefill_h100_d64.json) the forward takes 0.78 ms there and forward +
 backward 3.46 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
 [E, block_d] state lives in registers), so an SM holds two 4-warp programs, 2 warps per
 scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
