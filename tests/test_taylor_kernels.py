@@ -127,9 +127,8 @@ def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, t
     (True, "seg64", True)])
 def test_chunked_kernel_gradients_when_the_final_state_is_unused(impl, with_state, tiling,
                                                                  use_k_state):
-  """Training uses y alone: the final state's cotangent is then a symbolic zero and the
-  backward starts from zero instead of a [B, H, E, D] zero state (also when only the
-  normaliser state is used)."""
+  """Training uses y alone: the final state's cotangent is then a symbolic zero (one or both
+  halves of it), and without an initial state the forward starts from zero unread."""
   b, t, h, d = 2, 200, 2, 64
   q, k, v, state = random_case(5, b, t, h, d, jnp.float32, with_state)
   lengths = jnp.array([t, 150], jnp.int32)
