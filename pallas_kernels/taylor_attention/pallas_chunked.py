@@ -473,8 +473,8 @@ def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, s
   """Gradients of `_forward`; every kernel splits D into `block_d` column programs, and dq
   and dk are summed over the column blocks here. A zero state of leading dims [1, 1] (no
   initial state; an unused final state) is broadcast to every sequence: starting dq and dkv
-  from constant zeros instead made those kernels 1.7% slower (ncu, H100, T = 8192; Triton's
-  register allocation), and reading one shared block about 1% slower."""
+  from constant zeros instead made those kernels 1.7% slower (Triton's register allocation;
+  experiments/results/prefill_zero_start_ncu_h100.json)."""
   b, t, h, f = q.shape
   d, e, n = v.shape[-1], dkv1.shape[2], t // seg
   kv_starts, k_starts, dkv1, dk1 = (jnp.broadcast_to(x, (b, h, *x.shape[2:]))

@@ -17,7 +17,7 @@ each block a power of two and the last one ending at row E over its predecessor'
 masked (E = 153: rows 0, 32, 64, 96 and 121 with 121-127 masked). The earlier split into
 power-of-two pieces (64 + 64 + 16 + 8 + 1) spent two of its five round trips on 9 rows; the
 equal blocks were 1.01-1.05x faster at B = 256 and 1.00-1.02x at B = 1024 (same-process A/B on
-the H100, float32 and bf16 kv, D = 64 and 112). Loading every block before updating any was no
+the H100, experiments/results/decode_step_row_blocks_ab_h100.json). Loading every block before updating any was no
 faster, and splitting the rows over programs (partial sums added by XLA) slower; a [256, 128]
 float32 tile spills registers (7.5x slower). Measured (experiments/results/
 decode_step_packed_h100.json, H100) the kernel reaches 0.71 of the copy bandwidth at B = 256,
