@@ -440,10 +440,12 @@ def _call(kernel, tiling, interpret, **kw):
       interpret=interpret, **kw)
 
 
-def _forward(q, k, v, kv0, k0, lengths, *, eps, seg, tiling, interpret, zero_start):
+def _forward(q, k, v, kv0, k0, lengths, opt):
   """y, den [B, H, T] and the final state, plus the segment start states for the backward.
-  `zero_start`: kv0, k0 are the zero state [1, 1, E, D], [1, 1, E], which the kernel then
-  does not read (no B H copies of zeros are made or converted to the kernel basis)."""
+  Without `opt.initial_state`, kv0, k0 are the zero state [1, 1, E, D], [1, 1, E], which the
+  kernel does not read (no B H copies of zeros are made or converted to the kernel basis)."""
+  eps, seg, tiling, interpret = opt.eps, opt.seg, opt.forward, opt.interpret
+  zero_start = not opt.initial_state
   b, t, h, f = q.shape
   d, e, n = v.shape[-1], kv0.shape[2], t // seg
   bd = min(tiling.block_d, d)
@@ -468,13 +470,13 @@ def _forward(q, k, v, kv0, k0, lengths, *, eps, seg, tiling, interpret, zero_sta
   return y, den, kv1, k1, kv_starts, k_starts
 
 
-def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, *, seg, tiling,
-              interpret):
+def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, opt):
   """Gradients of `_forward`; every kernel splits D into `block_d` column programs, and dq
   and dk are summed over the column blocks here. A zero state of leading dims [1, 1] (no
   initial state; an unused final state) is broadcast to every sequence: starting dq and dkv
   from constant zeros instead made those kernels 1.7% slower (Triton's register allocation;
   experiments/results/prefill_zero_start_ncu_h100.json)."""
+  seg, tiling, interpret = opt.seg, opt.backward, opt.interpret
   b, t, h, f = q.shape
   d, e, n = v.shape[-1], dkv1.shape[2], t // seg
   kv_starts, k_starts, dkv1, dk1 = (jnp.broadcast_to(x, (b, h, *x.shape[2:]))
@@ -525,18 +527,14 @@ class _Options:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _attention(q, k, v, kv0, k0, lengths, opt):
-  y, _, kv1, k1, _, _ = _forward(q, k, v, kv0, k0, lengths, eps=opt.eps, seg=opt.seg,
-                                 tiling=opt.forward, interpret=opt.interpret,
-                                 zero_start=not opt.initial_state)
+  y, _, kv1, k1, _, _ = _forward(q, k, v, kv0, k0, lengths, opt)
   return y, kv1, k1
 
 
 def _attention_fwd(*args):
   *primals, opt = args
   q, k, v, kv0, k0, lengths = (x.value for x in primals)  # symbolic_zeros: wrapped primals
-  y, den, kv1, k1, kv_starts, k_starts = _forward(
-      q, k, v, kv0, k0, lengths, eps=opt.eps, seg=opt.seg, tiling=opt.forward,
-      interpret=opt.interpret, zero_start=not opt.initial_state)
+  y, den, kv1, k1, kv_starts, k_starts = _forward(q, k, v, kv0, k0, lengths, opt)
   return (y, kv1, k1), (q, k, v, kv_starts, k_starts, lengths, y, den)
 
 
@@ -550,8 +548,7 @@ def _attention_bwd(opt, res, cotangents):
   dkv1, dk1 = (jnp.zeros((1, 1, *x.shape[2:]), x.dtype) if isinstance(x, SymbolicZero) else x
                for x in (dkv1, dk1))
   dq, dk, dv, dkv0, dk0 = _backward(q, k, v, y, dy.astype(v.dtype), den, kv_starts, k_starts,
-                                    dkv1, dk1, lengths, seg=opt.seg, tiling=opt.backward,
-                                    interpret=opt.interpret)
+                                    dkv1, dk1, lengths, opt)
   return (dq, dk, dv, *((dkv0, dk0) if opt.initial_state else (None, None)), None)
 
 
