@@ -4,6 +4,7 @@ import datetime
 import importlib.metadata
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -52,8 +53,9 @@ def versions(*packages: str) -> dict:
 
 
 def run_metadata(*packages: str) -> dict:
-  """Device, date and versions for a results file."""
+  """Device, date, argv and versions for a results file."""
   return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+          "argv": sys.argv,  # the script's path and flags
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "python": platform.python_version(),
           "versions": versions("jax", "jaxlib", "flax", *packages)}

@@ -15,14 +15,16 @@ import pytest
 
 from pallas_kernels.taylor_attention import (api, causal_taylor_attention, feature_width,
                                              pallas_chunked, pallas_decode, reference,
-                                             taylor_feature_map)
+                                             taylor_feature_map, triton_decode)
 from pallas_kernels.taylor_attention.state import TaylorState
 from test_taylor_reference import numpy_taylor_attention, rel
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 CHUNK_IMPLS = ["pallas_interpret", pytest.param("pallas", marks=[pytest.mark.gpu, gpu])]
-DECODE_IMPLS = CHUNK_IMPLS + [pytest.param("triton", marks=[pytest.mark.gpu, gpu])]
+jax_triton = pytest.mark.skipif(not triton_decode.available(),
+                                reason='needs jax-triton: pip install -e ".[triton]"')
+DECODE_IMPLS = CHUNK_IMPLS + [pytest.param("triton", marks=[pytest.mark.gpu, gpu, jax_triton])]
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 1e-2}
 F = 16
 E = feature_width(F)  # 153, the packed basis
