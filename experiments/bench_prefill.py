@@ -11,7 +11,8 @@ head dim: the forward and the forward+backward (the VJP with a random cotangent)
   fla_parallel,    `fla.ops.based.parallel_based` / `fused_chunk_based` (flash-linear-
   fla_fused_chunk  attention's Triton kernels, PyTorch), when importable.
 Every linear-attention output is checked against the XLA form (relative L2 error in the
-JSON) so the table times correct code. Extra `--variants` time other tilings of our kernel.
+JSON) so the table times correct code. Extra `--variants` time other tilings of our kernel;
+`--profile` adds where each JAX competitor's time goes, per GPU kernel.
 Writes <out>.json (device, versions, shapes) and <out>.md (a table per mode and D).
 """
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments.benchmarking import median_ms, run_metadata  # noqa: E402
+from experiments.benchmarking import median_ms, profile_kernels, run_metadata  # noqa: E402
 from pallas_kernels.taylor_attention import causal_taylor_attention, pallas_chunked  # noqa: E402
 
 _T = flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths.")
@@ -45,6 +46,9 @@ _VARIANTS = flags.DEFINE_list(
     "(e.g. '//1024', '32:32:4:1', '/32:32:8:3/').")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Input dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repetitions (median reported).")
+_PROFILE = flags.DEFINE_bool(
+    "profile", False, "Also record each JAX competitor's GPU time per kernel per call "
+    "(kernels_us in the JSON, from a profiler trace; launch gaps excluded).")
 _OUT = flags.DEFINE_string("out", "experiments/results/prefill", "Output path prefix.")
 
 
@@ -92,7 +96,12 @@ def time_jax(fn, args, dy, mode):
   else:
     f = jax.jit(lambda dy, *a: jax.vjp(fn, *a)[1](dy))
     call = lambda: f(dy, *args)
-  return median_ms(call, jax.block_until_ready, repeats=_REPEATS.value)
+  out = median_ms(call, jax.block_until_ready, repeats=_REPEATS.value)
+  if _PROFILE.value:
+    kernels = profile_kernels(call, jax.block_until_ready)
+    out["kernels_total_us"] = round(sum(kernels.values()), 1)
+    out["kernels_us"] = {name[:120]: round(us, 1) for name, us in kernels.most_common()}
+  return out
 
 
 def torch_impls():
@@ -158,6 +167,8 @@ def markdown(rows, impls) -> str:
 
 def main(argv):
   del argv
+  if _PROFILE.value and jax.default_backend() != "gpu":
+    raise app.UsageError(f"--profile reads GPU kernels; the backend is {jax.default_backend()}")
   dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
   ours = jax_impls(_VARIANTS.value)
   theirs, torch_reason = torch_impls()
@@ -202,6 +213,8 @@ def main(argv):
                 + (f"{row['median_ms']:9.3f} ms" if "median_ms" in row else row["error"])
                 + (f"  err {row['rel_err_vs_xla']:.1e}" if "rel_err_vs_xla" in row else ""),
                 flush=True)
+          for name, us in list(row.get("kernels_us", {}).items())[:8]:
+            print(f"    {us:9.1f} us  {name[:90]}")
       with open(_OUT.value + ".json", "w") as fh:  # after every shape: partial runs keep data
         json.dump({"meta": meta, "rows": rows}, fh, indent=1)
   table = markdown(rows, impls)

@@ -1,10 +1,15 @@
-"""Shared benchmark helpers: timing, the copy-bandwidth ceiling, run metadata."""
+"""Shared benchmark helpers: timing, per-kernel GPU time, the copy-bandwidth ceiling, run metadata."""
 
+import collections
 import datetime
+import glob
+import gzip
 import importlib.metadata
+import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -29,6 +34,32 @@ def median_ms(call: Callable[[], object], sync: Callable[[object], object], *,
     sync(out)
     times.append((time.perf_counter() - start) / inner * 1e3)
   return {"median_ms": statistics.median(times), "min_ms": min(times)}
+
+
+def kernel_times(trace_dir: str) -> collections.Counter:
+  """Microseconds per kernel name over the GPU streams of the trace in `trace_dir`."""
+  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+  events = json.load(gzip.open(path))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+         and "GPU" in e["args"]["name"]}
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in gpu:
+      total[e["name"]] += e.get("dur", 0)
+  return total
+
+
+def profile_kernels(call: Callable[[], object], sync: Callable[[object], object],
+                    calls: int = 5) -> collections.Counter:
+  """Microseconds per kernel name per call of `call` (already compiled), from a profiler trace
+  of `calls` calls: where the time of one call goes, without the host's launch gaps."""
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        sync(call())
+    total = kernel_times(trace_dir)
+  return collections.Counter({name: us / calls for name, us in total.items()})
 
 
 def copy_bandwidth() -> float:

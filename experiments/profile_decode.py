@@ -8,11 +8,7 @@ prints the median time per step and the kernels that took the most time per step
 `jax.profiler` Perfetto trace. Model names take '+field=value' overrides as in bench_decode.
 """
 
-import collections
 import functools
-import glob
-import gzip
-import json
 import tempfile
 import time
 
@@ -24,25 +20,12 @@ from absl import app, flags
 from based_jax.cache import as_carry, init_cache
 from based_jax.model import LanguageModel, init_params
 from experiments.bench_decode import model_config
+from experiments.benchmarking import kernel_times
 
 _MODEL = flags.DEFINE_string("model", "based_1b", "Preset, optionally with '+field=value'.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "2"], "Batch sizes to profile.")
 _STEPS = flags.DEFINE_integer("steps", 16, "Decode steps per timed call.")
 _TOP = flags.DEFINE_integer("top", 14, "Kernels to list.")
-
-
-def kernel_times(trace_dir: str) -> collections.Counter:
-  """Microseconds per kernel name over the GPU streams of the trace in `trace_dir`."""
-  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
-  events = json.load(gzip.open(path))
-  events = events["traceEvents"] if isinstance(events, dict) else events
-  gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-         and "GPU" in e["args"]["name"]}
-  total = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e["pid"] in gpu:
-      total[e["name"]] += e.get("dur", 0)
-  return total
 
 
 def main(argv):
