@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: timing, per-kernel GPU time, the copy-bandwidth ceiling, run metadata."""
+"""Shared benchmark helpers: timing, GPU time per kernel, the copy-bandwidth ceiling, metadata."""
 
 import collections
 import datetime

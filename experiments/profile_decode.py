@@ -9,7 +9,6 @@ prints the median time per step and the kernels that took the most time per step
 """
 
 import functools
-import tempfile
 import time
 
 import jax
@@ -20,7 +19,7 @@ from absl import app, flags
 from based_jax.cache import as_carry, init_cache
 from based_jax.model import LanguageModel, init_params
 from experiments.bench_decode import model_config
-from experiments.benchmarking import kernel_times
+from experiments.benchmarking import profile_kernels
 
 _MODEL = flags.DEFINE_string("model", "based_1b", "Preset, optionally with '+field=value'.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "2"], "Batch sizes to profile.")
@@ -52,10 +51,8 @@ def main(argv):
       start = time.perf_counter()
       token, cache = jax.block_until_ready(steps(params, token, cache))
       times.append((time.perf_counter() - start) / n)
-    with tempfile.TemporaryDirectory() as trace_dir:
-      with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        token, cache = jax.block_until_ready(steps(params, token, cache))
-      kernels = kernel_times(trace_dir)
+    # One traced call (it donates the cache, so it cannot be repeated).
+    kernels = profile_kernels(lambda: steps(params, token, cache), jax.block_until_ready, calls=1)
     print(f"{_MODEL.value} B={b}: {1e3 * np.median(times[1:]):.3f} ms/step; kernels "
           f"{sum(kernels.values()) / n / 1e3:.3f} ms/step")
     for name, us in kernels.most_common(_TOP.value):
