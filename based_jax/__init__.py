@@ -1,8 +1,20 @@
 """based-jax: the BASED language model (Taylor linear attention, sliding-window attention,
-gated short convolutions) in functional Flax.
+gated short convolutions) in functional Flax, with Pallas kernels (`pallas_kernels`).
 
-Dimension letters: B batch, T time, S cache slots, D model width, H heads, K head dim,
-F linear-attention feature dim, E Taylor feature width 1 + F + F(F+1)/2, V vocabulary.
+Dimension letters, shared by the docstrings of based_jax and pallas_kernels:
+
+  B  batch                        T  tokens in one call (the sequence length in training)
+  P  prompt tokens                N  generated tokens
+  S  cache slots                  V  vocabulary
+  D  model width (d_model)        H  heads
+  K  head dim: an attention head's q / k / v width, a linear-attention head's value width
+     (D / H in both)
+  F  linear-attention query / key feature dim (the paper's d')
+  E  Taylor feature width 1 + F + F(F+1)/2 (153 at F = 16)
+  W  sliding-window lookback      C  chunk length (tokens per step of a chunked scan)
+  Q  labelled positions per row of a training batch
+
+A module that needs more letters (a kernel's tiling) defines them in its own docstring.
 """
 
 from based_jax.cache import ModelCache, cache_bytes, init_cache

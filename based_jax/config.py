@@ -6,7 +6,12 @@ BaseConv gated short convolution.
 """
 
 import dataclasses
+import math
+import numbers
+import typing
 from typing import Iterable
+
+from pallas_kernels.taylor_attention import IMPLEMENTATIONS as LINEAR_ATTENTION_IMPLS
 
 LINEAR_ATTENTION = "linear_attention"
 SLIDING_WINDOW = "sliding_window"
@@ -15,6 +20,40 @@ BASE_CONV = "base_conv"
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+
+
+def _check_field_types(config) -> None:
+  """Every field of a config dataclass has its annotated type: int (not bool), float, str,
+  bool or tuple[int, ...]. NumPy scalars and ints for floats are converted, and any sequence
+  of ints becomes a tuple; anything else is a ValueError naming the field."""
+  hints = typing.get_type_hints(type(config))
+  for field in dataclasses.fields(config):
+    kind, value = hints[field.name], getattr(config, field.name)
+    if typing.get_origin(kind) is tuple:
+      ok = isinstance(value, (list, tuple)) and all(_is_int(x) for x in value)
+      converted = tuple(int(x) for x in value) if ok else None
+    elif kind is int:
+      ok, converted = _is_int(value), value
+    elif kind is float:
+      ok = _is_int(value) or isinstance(value, numbers.Real) and not isinstance(value, bool)
+      converted = value
+    else:  # str, bool
+      ok, converted = isinstance(value, kind), value
+    if not ok:
+      raise ValueError(f"{type(config).__name__}.{field.name} must be {_type_name(kind)}, got "
+                       f"{value!r} ({type(value).__name__})")
+    if kind in (int, float):
+      converted = kind(converted)
+    object.__setattr__(config, field.name, converted)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _type_name(kind) -> str:
+  return {int: "an int", float: "a float", str: "a str", bool: "a bool"}.get(
+      kind, "a tuple of ints")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +80,9 @@ class ModelConfig:
   init_std: float = 0.02  # std of linear and embedding weights; output projections get less.
   dtype: str = "float32"  # compute dtype of mixers and MLPs ("float32" or "bfloat16").
   param_dtype: str = "float32"  # storage dtype of the parameters.
-  linear_attention_impl: str = "auto"  # implementation name for pallas_kernels' dispatch.
+  # Taylor attention implementation (pallas_kernels.taylor_attention.IMPLEMENTATIONS): "auto"
+  # (the Pallas kernels on a GPU where they apply, else XLA), "xla", "pallas", ...
+  linear_attention_impl: str = "auto"
   # Softmax attention within a call (training, prefill): "auto" (cuDNN flash attention on a
   # CUDA GPU in bfloat16, else XLA), "xla" or "cudnn". See mixers/attention.py.
   attention_impl: str = "auto"
@@ -50,27 +91,27 @@ class ModelConfig:
   attention_decode_impl: str = "auto"
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "la_heads", "attn_heads", "conv_kernel"):
+    _check_field_types(self)
+    for name in ("vocab_size", "d_model", "n_layers", "la_heads", "attn_heads", "conv_kernel",
+                 "la_feature_dim", "window"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.mlp_inner < 0:
       raise ValueError(f"mlp_inner must be >= 0 (0 = no MLP), got {self.mlp_inner}")
-    if self.la_feature_dim < 1:
-      raise ValueError(f"la_feature_dim must be >= 1, got {self.la_feature_dim}")
-    if self.window < 1:
-      raise ValueError(f"window must be >= 1, got {self.window}")
-    if self.la_eps < 0 or self.norm_eps <= 0:
-      raise ValueError(f"la_eps must be >= 0 and norm_eps > 0, got {self.la_eps}, {self.norm_eps}")
-    for name in ("dtype", "param_dtype", "la_state_dtype"):
-      if getattr(self, name) not in DTYPES:
-        raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-    for name in ("attention_impl", "attention_decode_impl"):
-      if getattr(self, name) not in ATTENTION_IMPLS:
-        raise ValueError(f"{name} must be one of {ATTENTION_IMPLS}, got {getattr(self, name)!r}")
+    for name in ("norm_eps", "rope_base", "init_std"):
+      if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
+        raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+    if not 0 <= self.la_eps < math.inf:
+      raise ValueError(f"la_eps must be a finite number >= 0, got {self.la_eps}")
+    for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
+                          ("la_state_dtype", DTYPES),
+                          ("linear_attention_impl", LINEAR_ATTENTION_IMPLS),
+                          ("attention_impl", ATTENTION_IMPLS),
+                          ("attention_decode_impl", ATTENTION_IMPLS)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     seen: dict[int, str] = {}
     for field in ("linear_attention_layers", "sliding_window_layers", "attention_layers"):
-      indices = getattr(self, field)
-      object.__setattr__(self, field, tuple(int(i) for i in indices))
       for i in getattr(self, field):
         if not 0 <= i < self.n_layers:
           raise ValueError(f"{field} has index {i} outside [0, n_layers={self.n_layers})")
@@ -129,7 +170,7 @@ PRESETS: dict[str, ModelConfig] = {
     "transformer_pp_tiny": ModelConfig(
         vocab_size=512, d_model=64, n_layers=2, mlp_inner=128,
         attention_layers=(0, 1), attn_heads=4),
-    # MQAR models (SPEC section 5): BaseConv then the mixer, no MLP.
+    # The paper's MQAR models: BaseConv then the mixer, no MLP.
     "mqar_based": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
         linear_attention_layers=(1,), la_heads=1, la_feature_dim=16),

@@ -13,6 +13,7 @@ import numpy as np
 
 from based_jax import config as config_lib
 from based_jax.cache import ModelCache, as_carry, init_cache
+from based_jax.checks import check_token_ids
 from based_jax.config import ModelConfig
 from based_jax.model import LanguageModel
 from based_jax.sampling import SamplingConfig, sample_tokens
@@ -26,11 +27,7 @@ class GenerateOutput(NamedTuple):
 def check_prompts(config: ModelConfig, prompts, prompt_lengths, max_len: int) -> None:
   """Host-side validation, so bad input fails here rather than inside XLA."""
   prompts = np.asarray(prompts)
-  if prompts.ndim != 2 or not np.issubdtype(prompts.dtype, np.integer):
-    raise ValueError(f"prompts must be an integer array [batch, time], got {prompts.shape} "
-                     f"{prompts.dtype}")
-  if prompts.size and (prompts.min() < 0 or prompts.max() >= config.vocab_size):
-    raise ValueError(f"prompt token ids must lie in [0, vocab_size={config.vocab_size})")
+  check_token_ids("prompts", prompts, config.vocab_size)
   lengths = np.asarray(prompt_lengths)
   if lengths.shape != (prompts.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
     raise ValueError(f"prompt_lengths must be integers of shape ({prompts.shape[0]},), got "

@@ -1,8 +1,6 @@
 """Building blocks shared by the mixers: initialisers, RMSNorm, SwiGLU MLP, rotary embeddings.
 
-Dimension letters used throughout based_jax: B batch, T time (tokens in this call),
-S cache slots, D model width, H heads, K head dim, F linear-attention feature dim,
-V vocabulary.
+Shapes use the dimension letters of `based_jax/__init__.py`.
 """
 
 import math
@@ -28,11 +26,10 @@ def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None,
                         preferred_element_type=None):
   """x [..., D] @ W [D, N] as one matrix product over the flattened leading axes.
 
-  Same result as `lax.dot_general`; XLA's CPU backend computes the weight gradient of the
-  rank-3 contraction about 2.5x slower than that of a matrix product
-  (experiments/results/cpu_training.json). A single row (batch-1 decoding) is padded to two:
-  XLA:GPU rewrites a vector-matrix product as a reduction that reads bf16 weights about 2x
-  slower than its matrix kernels (experiments/results/decode_1b_profile_h100.json).
+  Same result as `lax.dot_general`, but XLA's CPU backend computes the weight gradient of a
+  matrix product about 2.5x faster than that of the rank-3 contraction. A single row (batch-1
+  decoding) is padded to two: XLA:GPU rewrites a vector-matrix product as a reduction that
+  reads bf16 weights about 2x slower than its matrix kernels.
   """
   if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
     raise ValueError(f"expected x[..., D] @ W[D, N], got {dimension_numbers}")
@@ -47,7 +44,7 @@ def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None,
 
 def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = False,
           name: str | None = None) -> nn.Dense:
-  """A Dense layer with the config's dtypes and the SPEC initialisation."""
+  """A Dense layer with the config's dtypes and the paper's initialisation."""
   return nn.Dense(
       features, use_bias=use_bias, name=name,
       dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),

@@ -11,10 +11,10 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from based_jax import config as config_lib
 from based_jax.cache import ModelCache
+from based_jax.checks import check_token_ids
 from based_jax.config import ModelConfig
 from based_jax.layers import RMSNorm, SwiGLU, matrix_dot_general, weight_init
 from based_jax.mixers import Attention, BaseConv, TaylorLinearAttention
@@ -47,17 +47,6 @@ class Block(nn.Module):
     return x, cache
 
 
-def _check_tokens(tokens: jnp.ndarray, vocab_size: int) -> None:
-  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"tokens must be an integer array [batch, time], got {tokens.shape} "
-                     f"{tokens.dtype}")
-  if not isinstance(tokens, jax.core.Tracer) and tokens.size:  # concrete: check the values
-    host = np.asarray(tokens)
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi >= vocab_size:
-      raise ValueError(f"token ids must lie in [0, vocab_size={vocab_size}), got min {lo} max {hi}")
-
-
 class LanguageModel(nn.Module):
   """Decoder-only LM. Call with tokens [B, T] -> (logits, new cache)."""
   config: ModelConfig
@@ -80,7 +69,7 @@ class LanguageModel(nn.Module):
       logits [B, T or P, V] float32 and the updated cache (None if `cache` was None).
     """
     cfg = self.config
-    _check_tokens(tokens, cfg.vocab_size)
+    check_token_ids("tokens", tokens, cfg.vocab_size)
     b, t = tokens.shape
     if cache is not None and cache.length.shape != (b,):
       raise ValueError(f"cache is for batch {cache.length.shape[0]}, tokens have batch {b}")

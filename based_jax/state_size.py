@@ -1,7 +1,7 @@
-"""Recurrent state size, counted as the recall benchmark counts it (SPEC section 4).
+"""Recurrent state size, counted as the BASED paper's recall / state-size plots count it.
 
-Per layer, in float32 values (x4 bytes), at sequence length L:
-  full attention 2 D L; sliding window 2 D W; Taylor linear attention H K E + H E with E the
+Per layer, in float32 values (x4 bytes), at sequence length T:
+  full attention 2 D T; sliding window 2 D W; Taylor linear attention H K E + H E with E the
   feature width (1 + F + F(F+1)/2 with the symmetric quadratic terms merged, as the paper's
   plots count it and as our decoding state stores it; 1 + F + F^2 for the full outer product);
   short convolution D * taps.
@@ -12,18 +12,13 @@ import dataclasses
 
 from based_jax import config as config_lib
 from based_jax.config import ModelConfig
+from pallas_kernels.taylor_attention import feature_width
 
 
 @dataclasses.dataclass(frozen=True)
 class StateSize:
   per_layer: tuple[tuple[str, int], ...]  # (layer kind, bytes) in layer order.
   total: int  # sum over layers, bytes.
-
-
-def linear_attention_width(feature_dim: int, symmetric: bool) -> int:
-  """E: 273 for F = 16, or 153 with the F(F+1)/2 distinct quadratic terms."""
-  quadratic = feature_dim * (feature_dim + 1) // 2 if symmetric else feature_dim**2
-  return 1 + feature_dim + quadratic
 
 
 def layer_state_values(config: ModelConfig, kind: str, seq_len: int, symmetric: bool) -> int:
@@ -34,7 +29,7 @@ def layer_state_values(config: ModelConfig, kind: str, seq_len: int, symmetric: 
   if kind == config_lib.SLIDING_WINDOW:
     return 2 * d * config.window
   if kind == config_lib.LINEAR_ATTENTION:
-    e = linear_attention_width(config.la_feature_dim, symmetric)
+    e = feature_width(config.la_feature_dim, packed=symmetric)
     return config.la_heads * (d // config.la_heads) * e + config.la_heads * e
   return d * config.conv_kernel
 

@@ -3,7 +3,7 @@
   python -m experiments.mqar_sweep --grid=paper_gpu --out=experiments/results/mqar_sweep
 
 For every (mixer, width, size) point all learning rates are trained and the best kept, as in
-the paper (SPEC section 5). Results: <out>.json with state bytes, per-slice accuracy and best
+the paper. Results: <out>.json with state bytes, per-slice accuracy and best
 lr per point, and <out>.png, accuracy against state size on a log axis (the paper's Figure 2).
 Each run has its own workdir under --workdir, so an interrupted sweep resumes.
 """
@@ -18,7 +18,7 @@ from absl import app, flags
 
 from based_jax.config import get_config
 from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
-from experiments.mqar_training import train
+from based_jax.training.trainer import train
 
 # (label, model preset, {model field: value}) for each point.
 GRIDS = {

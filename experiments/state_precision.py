@@ -25,9 +25,9 @@ from based_jax.cache import as_carry, init_cache
 from based_jax.config import ModelConfig, get_config
 from based_jax.model import LanguageModel
 from based_jax.training.run_config import get_run_config, parse_assignments
-from data import mqar
+from based_jax.data import mqar
 from experiments.benchmarking import run_metadata
-from experiments.mqar_training import train
+from based_jax.training.trainer import train
 from pallas_kernels.taylor_attention import TaylorState
 
 _RUN = flags.DEFINE_string("run", "mqar_small", "Run preset to train (or resume) and test.")

@@ -22,7 +22,7 @@ def summary(preset: str, seq_len: int, symmetric: bool) -> str:
   size = state_size_bytes(config, seq_len, symmetric_features=symmetric)
   lines = [f"{preset}: {count_params(config) / 1e6:.1f}M parameters, d_model {config.d_model}, "
            f"{config.n_layers} layers",
-           f"recurrent state at L={seq_len} (float32, SPEC section 4):"]
+           f"recurrent state at L={seq_len} (float32, as the paper counts it):"]
   lines += [f"  layer {i:3d} {kind:17s} {b:>14,d} bytes" for i, (kind, b) in
             enumerate(size.per_layer)]
   lines.append(f"  total {size.total:>33,d} bytes ({size.total / 2**20:.2f} MiB)")

@@ -21,7 +21,7 @@ from based_jax.config import ModelConfig, get_config
 from based_jax.training.optimizer import OptimizerConfig
 from based_jax.training.run_config import (RUN_PRESETS, RunConfig, define_flags, get_run_config,
                                            overrides_from_flags, parse_assignments)
-from experiments.mqar_training import train
+from based_jax.training.trainer import train
 
 _RUN = flags.DEFINE_enum("run", "mqar_small", sorted(RUN_PRESETS), "Run preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None,

@@ -5,7 +5,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from data import mqar, pipeline
+from based_jax.data import mqar, pipeline
 
 
 def make_slices():

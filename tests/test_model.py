@@ -137,7 +137,7 @@ def test_released_parameter_counts(preset, expected):
 
 
 def test_state_size_matches_the_paper_anchor():
-  # SPEC section 5: BASED d=128, d'=16 about 8.0e4 bytes; sliding window w=64 about 6.7e4.
+  # The paper's MQAR plots: BASED d=128, d'=16 about 8.0e4 bytes; sliding window w=64 about 6.7e4.
   based = state_size_bytes(get_config("mqar_based"), 256)
   window = state_size_bytes(get_config("mqar_sliding_window"), 256)
   assert abs(based.total / 8.0e4 - 1) < 0.02 and abs(window.total / 6.7e4 - 1) < 0.02

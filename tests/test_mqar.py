@@ -1,10 +1,10 @@
-"""The MQAR generator follows SPEC section 5: layout, labels, power-law gaps, seeds, errors."""
+"""The MQAR generator follows the paper's definition: layout, labels, power-law gaps, seeds, errors."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import mqar
+from based_jax.data import mqar
 
 N, T, P, V = 400, 128, 8, 8192
 

@@ -17,7 +17,7 @@ from pallas_kernels.taylor_attention import (api, causal_taylor_attention, featu
                                              pallas_chunked, pallas_decode, reference,
                                              taylor_feature_map, triton_decode)
 from pallas_kernels.taylor_attention.state import TaylorState
-from test_taylor_reference import numpy_taylor_attention, rel
+from taylor_oracle import numpy_taylor_attention, rel
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")

@@ -13,7 +13,7 @@ import pytest
 from based_jax.config import get_config
 from based_jax.training.optimizer import OptimizerConfig, decay_mask
 from based_jax.training.run_config import RunConfig
-from experiments.mqar_training import train
+from based_jax.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

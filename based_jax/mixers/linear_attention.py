@@ -1,4 +1,4 @@
-"""Taylor linear attention mixer (BASED's global mixer, SPEC section 2).
+"""Taylor linear attention mixer: BASED's global mixer, as the paper defines it.
 
 q, k: D -> H * F (no bias); v: D -> D split into H heads of K = D / H; out: D -> D (no bias).
 The attention itself (feature map, causal sums, normaliser, state) lives in

@@ -1,5 +1,5 @@
 """AdamW with linear warm-up then cosine decay, gradient clipping, and no weight decay on
-norms, biases and embeddings (the paper's recipe, SPEC section 3)."""
+norms, biases and embeddings (the BASED paper's recipe)."""
 
 import dataclasses
 

@@ -63,7 +63,7 @@ RUN_PRESETS: dict[str, RunConfig] = {
         optimizer=OptimizerConfig(learning_rate=2e-3, warmup_steps=20, total_steps=600,
                                   b2=0.99, weight_decay=0.0),
         target_accuracy=0.99),
-    # SPEC section 5: the paper's mix, batch 256, 32 epochs of 200k examples.
+    # The BASED paper's MQAR setting: its mix, batch 256, 32 epochs of 200k examples.
     "mqar_paper": RunConfig(
         train_mix="paper_train", test_mix="paper_test", batch_size=256, eval_every=500,
         checkpoint_every=1000,

@@ -1,7 +1,7 @@
 """Train state, the next-token loss at labelled positions, and the jitted train / eval steps.
 
-Batches are dicts {"inputs": int32 [B, T], "labels": int32 [B, T]} with -100 where no
-prediction is scored. Only labelled positions are sent through the LM head (`logits_at`), so a
+Batches are dicts {"inputs": int32 [B, T], "labels": int32 [B, T]} with IGNORE where no
+prediction is scored (`based_jax.data.batch`). Only labelled positions are sent through the LM head (`logits_at`), so a
 batch with Q labels per row costs Q x V head products per row instead of T x V.
 """
 
@@ -12,10 +12,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from based_jax.data.batch import IGNORE
 from based_jax.model import LanguageModel
 from based_jax.training import sharding
-
-IGNORE = -100
 
 
 class TrainState(NamedTuple):

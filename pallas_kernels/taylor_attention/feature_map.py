@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def feature_width(feature_dim: int) -> int:
-  """E, the width of phi for a query/key feature dimension F."""
-  return 1 + feature_dim + feature_dim * (feature_dim + 1) // 2
+def feature_width(feature_dim: int, packed: bool = True) -> int:
+  """E, the width of phi for a query/key feature dimension F: 1 + F + F(F+1)/2 in the packed
+  basis (153 at F = 16), 1 + F + F^2 for the paper's full outer product (273)."""
+  quadratic = feature_dim * (feature_dim + 1) // 2 if packed else feature_dim**2
+  return 1 + feature_dim + quadratic
 
 
 def compute_dtype(dtype) -> jnp.dtype:

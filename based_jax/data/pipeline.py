@@ -4,7 +4,7 @@ Training: one dataset per slice (so every batch has a single sequence length and
 is spent on padding), each shuffled with its own seed, repeated and batched, then mixed in
 proportion to the slice sizes. Each process reads a disjoint shard. The iterator's state
 (`get_state` / `set_state`, or grain.checkpoint with Orbax) makes the data order resumable.
-Evaluation: a fixed order, every example exactly once, the last batch padded with -100 labels.
+Evaluation: a fixed order, every example exactly once, the last batch padded with IGNORE labels.
 """
 
 from typing import Iterator, Optional, Sequence
@@ -13,7 +13,8 @@ import grain
 import jax
 import numpy as np
 
-from data.mqar import IGNORE, PAD, MqarBatch
+from based_jax.data.batch import IGNORE
+from based_jax.data.mqar import PAD, MqarBatch
 
 
 def _shard(n: int, process_index: int, process_count: int) -> np.ndarray:
@@ -64,7 +65,7 @@ def make_train_iterator(slices: Sequence[MqarBatch], *, batch_size: int, seed: i
 
 def make_eval_batches(inputs: np.ndarray, labels: np.ndarray, *,
                       batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Batches in order; the last is padded (token 0, label -100) so every example counts once."""
+  """Batches in order; the last is padded (token PAD, label IGNORE) so every example counts once."""
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   for start in range(0, len(inputs), batch_size):

@@ -24,7 +24,7 @@ from based_jax.training.checkpointing import Checkpointer, abstract_like
 from based_jax.training.metrics import MetricWriter
 from based_jax.training.optimizer import make_optimizer
 from based_jax.training.run_config import RunConfig
-from data import mqar, pipeline
+from based_jax.data import mqar, pipeline
 
 
 def evaluate(eval_step, params, test_slices, test_sets, batch_size: int,

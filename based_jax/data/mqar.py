@@ -1,8 +1,9 @@
-"""Multi-query associative recall (MQAR), SPEC section 5: a vectorised, seeded generator.
+"""Multi-query associative recall (MQAR; Zoology, Arora et al. 2023, as the BASED paper uses
+it): a vectorised, seeded generator.
 
 One example is a token sequence `seq` of length T + 1 (T = seq_len); the model reads
-`inputs = seq[:T]` and is trained on `labels = seq[1:]`, masked to -100 everywhere except where
-the input is a query key:
+`inputs = seq[:T]` and is trained on `labels = seq[1:]`, masked to IGNORE everywhere except
+where the input is a query key:
 
     k1 v1 k2 v2 ... kP vP | x x kq vq x x x kr vr x ...
     '---- context -----'   '-- every key queried once, followed by its value --'
@@ -28,7 +29,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-IGNORE = -100  # label of positions without a target.
+from based_jax.data.batch import IGNORE
+
 PAD = 0  # token id of padding (never generated).
 SPLITS = ("train", "test")  # data splits; each derives disjoint seeds.
 
@@ -36,13 +38,13 @@ SPLITS = ("train", "test")  # data splits; each derives disjoint seeds.
 class MqarBatch(NamedTuple):
   """One slice of MQAR data."""
   inputs: np.ndarray  # int32 [N, T] token ids.
-  labels: np.ndarray  # int32 [N, T], -100 except at query keys, where it is the key's value.
+  labels: np.ndarray  # int32 [N, T], IGNORE except at query keys, where it is the key's value.
 
 
 class MqarMix(NamedTuple):
   """Several slices right-padded to one length and stacked (see `build_mix`)."""
   inputs: np.ndarray  # int32 [N, T_max] token ids, PAD after each example's own length.
-  labels: np.ndarray  # int32 [N, T_max], -100 in the padding.
+  labels: np.ndarray  # int32 [N, T_max], IGNORE in the padding.
   slice_ids: np.ndarray  # int32 [N], index into the slices each example came from.
 
 
@@ -68,7 +70,7 @@ def _slices(*rows: tuple[int, int, int]) -> tuple[MqarSlice, ...]:
 
 
 MIXES: dict[str, tuple[MqarSlice, ...]] = {
-    # The paper's training and test data (SPEC section 5).
+    # The BASED paper's MQAR training and test data.
     "paper_train": _slices((64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000),
                            (256, 32, 20_000), (256, 64, 20_000)),
     "paper_test": _slices((64, 4, 1000), (64, 8, 1000), (64, 16, 1000), (128, 32, 1000),
@@ -211,7 +213,7 @@ def generate_mix(slices: Sequence[MqarSlice], *, split: str, vocab_size: int = 8
 def build_mix(slices: Sequence[MqarSlice], *, split: str, vocab_size: int = 8192, seed: int = 0,
               pad_to: int | None = None) -> MqarMix:
   """All slices in one array set: `generate_mix`, right-padded to the longest seq_len (or to
-  `pad_to`) with token 0 and label -100, concatenated in slice order."""
+  `pad_to`) with token PAD and label IGNORE, concatenated in slice order."""
   if not slices:
     raise ValueError("no slices to build")
   longest = max(s.seq_len for s in slices)
@@ -233,7 +235,7 @@ def build_mix(slices: Sequence[MqarSlice], *, split: str, vocab_size: int = 8192
 
 
 def query_accuracy(predictions, labels) -> float:
-  """Fraction of query positions (label != -100) where the predicted token id is the label.
+  """Fraction of query positions (label != IGNORE) where the predicted token id is the label.
 
   predictions, labels: int [N, T] (NumPy or jax arrays). Every example of a slice has the same
   number of queries, so this is also the mean over examples of their per-query accuracy.

@@ -1,0 +1,1 @@
+"""Data for training and evaluation: the MQAR generator and the grain input pipelines."""
