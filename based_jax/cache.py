@@ -1,11 +1,12 @@
 """Decoding caches: one small typed tuple per layer plus the tokens consumed per sequence."""
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from based_jax import config as config_lib
+from based_jax.checks import check_positive_int
 from based_jax.config import ModelConfig
 from based_jax.mixers.attention import EmptyAttentionCache, init_attention_cache, plain_cache
 from based_jax.mixers.base_conv import init_conv_cache
@@ -26,8 +27,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
   Attention layers start as `EmptyAttentionCache` (the first call attends within itself, with
   flash attention where available); loop carries need `as_carry(cache)`.
   """
-  if batch < 1 or max_len < 1:
-    raise ValueError(f"batch and max_len must be >= 1, got {batch}, {max_len}")
+  check_positive_int("batch", batch)
+  check_positive_int("max_len", max_len)
   if dtype is not None:
     config = config.replace(dtype=jnp.dtype(dtype).name)
   layers = tuple(init_layer_cache(config, kind, batch, max_len) for kind in config.layer_kinds)
@@ -57,3 +58,21 @@ def as_carry(cache: ModelCache) -> ModelCache:
   layers = tuple(plain_cache(c) if isinstance(c, EmptyAttentionCache) else c
                  for c in cache.layers)
   return ModelCache(layers, cache.length)
+
+
+def attention_capacity(config: ModelConfig, cache: ModelCache) -> Optional[int]:
+  """Tokens a full-attention layer's cache can hold per row (its max_len), or None if the
+  model has no full attention (its other caches never fill up)."""
+  slots = [layer.pos.shape[1] for kind, layer in zip(config.layer_kinds, cache.layers)
+           if kind == config_lib.ATTENTION]
+  return min(slots) if slots else None
+
+
+def check_cache(config: ModelConfig, cache, batch: int) -> None:
+  """`cache` is a ModelCache of `config` for `batch` rows."""
+  if not isinstance(cache, ModelCache) or len(cache.layers) != config.n_layers:
+    raise ValueError(f"cache must be the ModelCache of init_cache(config, ...) with "
+                     f"{config.n_layers} layers, got {type(cache).__name__}")
+  if cache.length.shape != (batch,):
+    raise ValueError(f"cache is for batch {cache.length.shape[0]}, the tokens have batch {batch}")
+

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from based_jax import config as config_lib
-from based_jax.cache import ModelCache, as_carry, init_cache
-from based_jax.checks import check_token_ids
+from based_jax.cache import ModelCache, as_carry, attention_capacity, check_cache, init_cache
+from based_jax.checks import (check_capacity, check_index_array, check_positive_int,
+                              check_token_ids)
 from based_jax.config import ModelConfig
 from based_jax.model import LanguageModel
 from based_jax.sampling import SamplingConfig, sample_tokens
@@ -25,23 +26,17 @@ class GenerateOutput(NamedTuple):
 
 
 def check_prompts(config: ModelConfig, prompts, prompt_lengths, max_len: int) -> None:
-  """Host-side validation, so bad input fails here rather than inside XLA."""
-  prompts = np.asarray(prompts)
+  """Prompts [B, P] of ids in [0, V) with lengths [B] in [1, P], and P <= max_len."""
   check_token_ids("prompts", prompts, config.vocab_size)
-  lengths = np.asarray(prompt_lengths)
-  if lengths.shape != (prompts.shape[0],) or not np.issubdtype(lengths.dtype, np.integer):
-    raise ValueError(f"prompt_lengths must be integers of shape ({prompts.shape[0]},), got "
-                     f"{lengths.shape} {lengths.dtype}")
-  if lengths.min() < 1 or lengths.max() > prompts.shape[1]:
-    raise ValueError(f"prompt_lengths must lie in [1, {prompts.shape[1]}], got "
-                     f"[{lengths.min()}, {lengths.max()}]")
-  if prompts.shape[1] > max_len:
-    raise ValueError(f"prompts of {prompts.shape[1]} tokens do not fit max_len={max_len}")
+  check_positive_int("max_len", max_len)
+  b, p = prompts.shape
+  check_index_array("prompt_lengths", prompt_lengths, (b,), 1, p, "prompt tokens per row")
+  if p > max_len:
+    raise ValueError(f"prompts of {p} tokens do not fit max_len={max_len}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk_size", "row_block"))
-def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: jnp.ndarray,
-            max_len: int, chunk_size: int = 256,
+def prefill(config: ModelConfig, params, prompts, prompt_lengths, max_len: int,
+            chunk_size: int = 256,
             row_block: Optional[int] = None) -> tuple[jnp.ndarray, ModelCache]:
   """Runs right-padded prompts [B, P] into a fresh cache; returns last-token logits [B, V].
 
@@ -54,12 +49,28 @@ def prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: j
   `row_block` (a divisor of B; None or >= B: all rows at once) prefills that many sequences
   at a time (a `lax.map` writing into the one output cache), so the temporaries scale with the
   block rather than B: large decode batches then fit when prefilling them all at once would not.
+
+  Arguments are checked (ValueError) before the jitted work; `prefill.lower(...)` compiles
+  ahead of time with the same arguments.
   """
+  prompts, prompt_lengths = jnp.asarray(prompts), jnp.asarray(prompt_lengths)
+  check_prompts(config, prompts, prompt_lengths, max_len)
+  check_positive_int("chunk_size", chunk_size)
+  b = prompts.shape[0]
+  if row_block is not None and not (isinstance(row_block, int) and (
+      row_block >= b or 1 <= row_block and b % row_block == 0)):
+    raise ValueError(f"row_block must be a positive divisor of the batch {b}, got {row_block}")
+  return _prefill(config, params, prompts, prompt_lengths, max_len, chunk_size, row_block)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk_size", "row_block"))
+def _prefill(config: ModelConfig, params, prompts: jnp.ndarray, prompt_lengths: jnp.ndarray,
+             max_len: int, chunk_size: int = 256,
+             row_block: Optional[int] = None) -> tuple[jnp.ndarray, ModelCache]:
+  """`prefill` after its checks."""
   b = prompts.shape[0]
   if row_block is None or row_block >= b:
     return _prefill_rows(config, params, prompts, prompt_lengths, max_len, chunk_size)
-  if row_block < 1 or b % row_block:
-    raise ValueError(f"row_block must be a positive divisor of the batch {b}, got {row_block}")
   blocks = (prompts.reshape(b // row_block, row_block, -1),
             prompt_lengths.reshape(b // row_block, row_block))
   out = jax.lax.map(
@@ -95,13 +106,34 @@ def _prefill_rows(config: ModelConfig, params, prompts: jnp.ndarray,
   return logits, cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id"),
-                   donate_argnames=("cache",))
 def decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, rng: jax.Array,
            max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
            eos_id: Optional[int] = None) -> tuple[GenerateOutput, ModelCache]:
-  """Samples up to `max_new_tokens` tokens in a `lax.while_loop` (stops early once every row
-  has emitted `eos_id`), starting from the logits of the last prompt token."""
+  """Samples up to N = `max_new_tokens` tokens per row in a `lax.while_loop` on device (stops
+  early once every row has emitted `eos_id`), starting from the logits [B, V] of the last
+  prompt token and the cache after it (donated).
+
+  Arguments are checked (ValueError) before the jitted work, including that a full-attention
+  cache has room for N more tokens; `decode.lower(...)` compiles ahead of time.
+  """
+  check_positive_int("max_new_tokens", max_new_tokens)
+  if logits.ndim != 2 or logits.shape[1] != config.vocab_size:
+    raise ValueError(f"logits must be [batch, vocab_size={config.vocab_size}], got "
+                     f"{tuple(logits.shape)}")
+  check_cache(config, cache, logits.shape[0])
+  check_capacity("max_new_tokens", cache.length + max_new_tokens,
+                 attention_capacity(config, cache))
+  if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+    raise ValueError(f"eos_id must lie in [0, vocab_size={config.vocab_size}), got {eos_id}")
+  return _decode(config, params, logits, cache, rng, max_new_tokens, sampling, eos_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id"),
+                   donate_argnames=("cache",))
+def _decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, rng: jax.Array,
+            max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+            eos_id: Optional[int] = None) -> tuple[GenerateOutput, ModelCache]:
+  """`decode` after its checks."""
   model = LanguageModel(config)
   b = logits.shape[0]
   fill = 0 if eos_id is None else eos_id
@@ -147,19 +179,21 @@ def generate(config: ModelConfig, params, prompts, prompt_lengths=None, *,
       one-shot prefill does not fit in memory (see `prefill`); None: all rows at once.
   """
   prompts = np.asarray(prompts)
+  check_token_ids("prompts", prompts, config.vocab_size)
+  check_positive_int("max_new_tokens", max_new_tokens)
+  b, p = prompts.shape
   if prompt_lengths is None:
-    prompt_lengths = np.full((prompts.shape[0],), prompts.shape[1], np.int32)
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  needed = prompts.shape[1] + max_new_tokens
-  max_len = needed if max_len is None else max_len
-  if config_lib.ATTENTION in config.layer_kinds and max_len < needed:
-    raise ValueError(f"max_len={max_len} is shorter than prompt + new tokens = {needed}; "
-                     "full-attention caches cannot hold them")
-  check_prompts(config, prompts, prompt_lengths, max_len)
+    prompt_lengths = np.full((b,), p, np.int32)
+  max_len = p + max_new_tokens if max_len is None else max_len
+  check_positive_int("max_len", max_len)
+  has_attention = config_lib.ATTENTION in config.layer_kinds
+  check_capacity("max_len", np.full((b,), p + max_new_tokens), max_len if has_attention else None)
   logits, cache = prefill(config, params, jnp.asarray(prompts, jnp.int32),
-                          jnp.asarray(prompt_lengths, jnp.int32), max_len,
-                          row_block=prefill_row_block)
+                          jnp.asarray(prompt_lengths), max_len, row_block=prefill_row_block)
   out, _ = decode(config, params, logits, cache, jax.random.key(seed), max_new_tokens,
                   sampling, eos_id)
   return out
+
+
+prefill.lower = _prefill.lower  # ahead-of-time compilation (benchmarks), prefill's arguments
+decode.lower = _decode.lower

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from based_jax import config as config_lib
-from based_jax.cache import ModelCache
-from based_jax.checks import check_token_ids
+from based_jax.cache import ModelCache, attention_capacity, check_cache
+from based_jax.checks import check_capacity, check_index_array, check_token_ids
 from based_jax.config import ModelConfig
 from based_jax.layers import RMSNorm, SwiGLU, matrix_dot_general, weight_init
 from based_jax.mixers import Attention, BaseConv, TaylorLinearAttention
@@ -67,12 +67,24 @@ class LanguageModel(nn.Module):
 
     Returns:
       logits [B, T or P, V] float32 and the updated cache (None if `cache` was None).
+
+    Raises:
+      ValueError naming the argument for bad shapes and dtypes, and, for concrete values,
+      token ids outside [0, V), lengths outside [0, T], logits_at outside [0, T) or more tokens
+      than a full-attention cache holds. Under `jax.jit` the values cannot raise: such a row
+      gets NaN logits instead (never a silently wrong number).
     """
     cfg = self.config
     check_token_ids("tokens", tokens, cfg.vocab_size)
     b, t = tokens.shape
-    if cache is not None and cache.length.shape != (b,):
-      raise ValueError(f"cache is for batch {cache.length.shape[0]}, tokens have batch {b}")
+    if lengths is not None:
+      check_index_array("lengths", lengths, (b,), 0, t, "valid tokens per row")
+    if logits_at is not None:
+      check_index_array("logits_at", logits_at, (b, None), 0, t - 1, "positions within the call")
+    added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    if cache is not None:
+      check_cache(cfg, cache, b)
+      check_capacity("tokens", cache.length + added, attention_capacity(cfg, cache))
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
 
@@ -89,10 +101,27 @@ class LanguageModel(nn.Module):
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = matrix_dot_general(x, embed.embedding.astype(x.dtype).T, (((2,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)
+    logits = jnp.where(_invalid_rows(cfg, tokens, cache, lengths, logits_at, added)[:, None, None],
+                       jnp.nan, logits)
     if cache is None:
       return logits, None
-    added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     return logits, ModelCache(tuple(new_layers), cache.length + added)
+
+
+def _invalid_rows(config: ModelConfig, tokens, cache, lengths, logits_at, added) -> jnp.ndarray:
+  """[B] bool: rows whose inputs break the contract in ways only known under `jax.jit` (values
+  outside the checks' ranges, a full-attention cache overflowing). Their logits become NaN,
+  the flag that replaces the ValueError a concrete call raises."""
+  t = tokens.shape[1]
+  bad = jnp.any((tokens < 0) | (tokens >= config.vocab_size), axis=1)
+  if lengths is not None:
+    bad |= (lengths < 0) | (lengths > t)
+  if logits_at is not None:
+    bad |= jnp.any((logits_at < 0) | (logits_at >= t), axis=1)
+  capacity = None if cache is None else attention_capacity(config, cache)
+  if capacity is not None:
+    bad |= cache.length + added > capacity
+  return bad
 
 
 def init_params(config: ModelConfig, seed: int = 0):

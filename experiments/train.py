@@ -1,36 +1,46 @@
 """Trains a model on MQAR (multi-query associative recall) and reports per-slice accuracy.
 
-  python -m experiments.train                       # small BASED, dense MQAR mix, <10 min on 2 cores
+  python -m experiments.train                       # small BASED, dense MQAR mix, ~2.5 min on 2 cores
   python -m experiments.train --model=mqar_sliding_window --model_set=window=64
   python -m experiments.train --run=mqar_paper --learning_rate=3.2e-3 --workdir=runs/paper
 
-Rerunning the same command resumes from the last checkpoint in --workdir (a run that reached
-its --target_accuracy is complete and only re-evaluates). Every run field has
-a flag (--batch_size, --learning_rate, ...) that overrides the --run preset; model fields are
-changed with --model_set field=value (repeatable).
+Rerunning the same command resumes from the newest readable checkpoint in --workdir (a run
+that reached its --target_accuracy or its --total_steps is complete and trains nothing more).
+SIGTERM or Ctrl-C saves a checkpoint at the next step and exits; one run per workdir at a time.
+Every run field has a flag (--batch_size, --learning_rate, ...) that overrides the --run preset;
+model fields are changed with --model_set field=value (repeatable). The trained model:
+`config, params = based_jax.load_checkpoint(workdir)`.
 """
 
 import dataclasses
 import os
+import signal
+import sys
 import time
 
 import jax
 from absl import app, flags, logging
 
-from based_jax.config import ModelConfig, get_config
+from based_jax.config import ModelConfig, get_config, preset_names
+from based_jax.data import mqar
+from based_jax.training import run_config
 from based_jax.training.optimizer import OptimizerConfig
 from based_jax.training.run_config import (RUN_PRESETS, RunConfig, define_flags, get_run_config,
                                            overrides_from_flags, parse_assignments)
-from based_jax.training.trainer import train
+from based_jax.training.trainer import RESULTS_FILE, train
 
 _RUN = flags.DEFINE_enum("run", "mqar_small", sorted(RUN_PRESETS), "Run preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Checkpoints and metrics; default runs/<run>_<model>.")
 _STEPS_THIS_RUN = flags.DEFINE_integer(
     "steps_this_run", None, "Stop after this many steps (checkpointed); rerun to continue.")
-_MODEL_SET = flags.DEFINE_multi_string("model_set", [], "Model field override, field=value.")
-define_flags(RunConfig)
-define_flags(OptimizerConfig)
+_MODEL_SET = flags.DEFINE_multi_string(
+    "model_set", [], "Model field override field=value (repeatable; tuples as 1,2,3), field "
+    f"one of: {', '.join(f.name for f in dataclasses.fields(ModelConfig))}.")
+define_flags(RunConfig, RUN_PRESETS, choices={
+    "model": preset_names(), "train_mix": sorted(mqar.MIXES), "test_mix": sorted(mqar.MIXES)})
+define_flags(OptimizerConfig, {name: run.optimizer for name, run in RUN_PRESETS.items()})
+flags.adopt_module_key_flags(run_config)
 
 
 def resolve_config() -> tuple[RunConfig, ModelConfig]:
@@ -60,15 +70,18 @@ def main(argv):
   start = time.time()
   try:
     summary, _ = train(run, model_config, workdir, _STEPS_THIS_RUN.value)
-  except ValueError as e:  # bad data arguments, incompatible or unwritable checkpoints
+  except ValueError as e:  # bad data arguments, a busy workdir, incompatible checkpoints
     raise SystemExit(f"error: {e}") from e
+  if "interrupted" in summary:
+    print(f"\n{summary['interrupted']}: stopped at step {summary['step']} with a checkpoint; "
+          "rerun the same command to continue", file=sys.stderr)
+    sys.exit(128 + signal.Signals[summary["interrupted"]].value)
   print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']} "
         f"(state {summary['state_bytes']:,} bytes):")
   for key, value in summary.items():
     if key.startswith("test/"):
       print(f"  {key[5:]:>10s}  accuracy {value:.4f}")
-  print(f"results: {os.path.join(workdir, 'results.json')}")
-
+  print(f"results: {os.path.join(workdir, RESULTS_FILE)}")
 
 if __name__ == "__main__":
   app.run(main)

@@ -97,7 +97,7 @@ def test_bad_flags_give_clear_errors(args, message, tmp_path):
 
 
 def test_kv_pairs_that_do_not_fit(tmp_path, monkeypatch):
-  from data import mqar
+  from based_jax.data import mqar
   monkeypatch.setitem(mqar.MIXES, "bad", (mqar.MqarSlice(32, 9, 100),))
   with pytest.raises(ValueError, match="does not fit seq_len"):
     train(dataclasses.replace(TINY_RUN, train_mix="bad"), TINY_MODEL, str(tmp_path))
@@ -110,7 +110,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from based_jax.config import get_config
     from based_jax.model import LanguageModel
     from based_jax.training import sharding, step as step_lib
-    from data import mqar
+    from based_jax.data import mqar
 
     assert jax.device_count() == 8
     model = LanguageModel(get_config("mqar_based", d_model=64, la_feature_dim=8))

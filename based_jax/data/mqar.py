@@ -79,7 +79,7 @@ MIXES: dict[str, tuple[MqarSlice, ...]] = {
     "small_train": _slices((64, 4, 20_000), (128, 8, 20_000), (256, 16, 20_000)),
     # The CPU default's training mix: 16 pairs in every sequence, at most 128 tokens. Dense,
     # short sequences teach recall per CPU-second fastest and generalise to the 256-token,
-    # filler-heavy test slice (measured: README, "Training").
+    # filler-heavy test slice (measured: docs/training.md).
     "dense_train": _slices((64, 16, 30_000), (128, 16, 30_000)),
     "small_test": _slices((64, 4, 1000), (128, 8, 1000), (256, 16, 1000)),
     # Seconds on CPU, for tests.

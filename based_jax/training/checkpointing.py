@@ -1,30 +1,50 @@
-"""Atomic, resumable checkpoints through Orbax: train state, data iterator and run config.
+"""Atomic, resumable checkpoints through Orbax, and loading a trained model from its workdir.
 
-Orbax writes each step into a temporary directory and renames it when complete, so a run
-killed mid-save leaves the previous checkpoints intact. The run config is stored beside the
-state; resuming with an incompatible config is refused before anything is written.
+Each checkpoint (a directory `<workdir>/checkpoints/<step>`) holds five items:
+
+  state     the TrainState (params, optimizer state, step, RNG);
+  data      the grain iterator's position;
+  config    the run config the checkpoint must agree with to be resumed (`RunConfig.to_json`);
+  model     the complete ModelConfig of the run (what `load_checkpoint` rebuilds);
+  progress  the last evaluation and whether the run finished (so completion survives a crash
+            between the checkpoint and the results file).
+
+Checkpoints written before the `model` and `progress` items existed still resume and load.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves the earlier checkpoints intact. A checkpoint that cannot be read is reported
+by step and path and moved aside to `<step>.unreadable` (never deleted); the newest readable
+one is used instead.
 """
 
+import dataclasses
 import json
 import os
-import tempfile
-from typing import Any, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
+from based_jax.config import ModelConfig
 from based_jax.training.step import TrainState
+from based_jax.training.workdir import check_writable
+
+UNREADABLE_SUFFIX = ".unreadable"
 
 
-def check_writable(directory: str) -> None:
-  """Fails early, with a clear message, if checkpoints cannot be written to `directory`."""
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory):
-      pass
-  except OSError as e:
-    raise ValueError(f"checkpoint directory {directory!r} is not writable: {e}") from e
+class Restored(NamedTuple):
+  state: TrainState
+  progress: dict  # {"results": last evaluation metrics, "results_step": its step, "finished"}
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _first_line(error: BaseException) -> str:
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
 class Checkpointer:
@@ -34,51 +54,70 @@ class Checkpointer:
     if keep < 1:
       raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
     check_writable(directory)
+    self._directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self._directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-  def latest_step(self) -> Optional[int]:
-    return self._manager.latest_step()
+  def _set_aside(self, step: int, error: BaseException) -> None:
+    """Reports an unreadable checkpoint and moves it out of the manager's sight."""
+    path = os.path.join(self._directory, str(step))
+    target = path + UNREADABLE_SUFFIX
+    n = 1
+    while os.path.exists(target):
+      target, n = f"{path}{UNREADABLE_SUFFIX}.{n}", n + 1
+    os.rename(path, target)
+    self._manager.reload()
+    warnings.warn(f"checkpoint step {step} at {path} cannot be read ({_first_line(error)}); "
+                  f"moved to {target}, trying the previous checkpoint")
 
-  def saved_config(self) -> Optional[dict]:
-    """The run config stored with the latest checkpoint, or None if there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    except Exception as e:  # corrupt or foreign directory
-      raise ValueError(f"checkpoint {step} in {self._manager.directory} cannot be read: {e}") from e
-    return restored["config"]
+  def _newest_readable(self, read):
+    """`read(step)` of the newest step it succeeds on, setting aside the ones it fails on;
+    None when there are no (readable) checkpoints."""
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return read(step)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
+        self._set_aside(step, e)
+    return None
 
-  def check_compatible(self, config: dict) -> None:
-    """Refuses to resume from a checkpoint written with a different run config."""
-    saved = self.saved_config()
+  def check_compatible(self, run_json: dict) -> None:
+    """Refuses to resume from checkpoints written with a different run config."""
+    saved = self._newest_readable(lambda step: self._manager.restore(
+        step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
     if saved is None:
       return
-    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(config))
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(run_json))
     # Keys only the checkpoint has (fields since dropped from the comparison) do not matter.
     diffs = sorted(k for k in current if saved.get(k) != current[k])
     if diffs:
       detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
-      raise ValueError(f"checkpoints in {self._manager.directory} come from an incompatible "
+      raise ValueError(f"checkpoints in {self._directory} come from an incompatible "
                        f"config ({detail}); use another --workdir or the same settings. "
                        "Nothing was changed.")
 
-  def save(self, state: TrainState, data_iterator: Any, config: dict) -> None:
+  def save(self, state: TrainState, data_iterator: Any, run_json: dict,
+           model_config: ModelConfig, progress: dict) -> None:
+    import grain  # pylint: disable=g-import-not-at-top - only training needs grain
     self._manager.save(int(state.step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
-        config=ocp.args.JsonSave(config)))
+        config=ocp.args.JsonSave(run_json),
+        model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
+        progress=ocp.args.JsonSave(progress)))
 
-  def restore(self, abstract_state: TrainState, data_iterator: Any) -> TrainState:
-    """Restores the latest state (with the shardings of `abstract_state`) and the iterator."""
-    step = self.latest_step()
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored["state"]
+  def restore(self, abstract_state: TrainState, data_iterator: Any) -> Optional[Restored]:
+    """The newest readable checkpoint (state with the shardings of `abstract_state`, the
+    iterator restored in place), or None if there is none."""
+    import grain  # pylint: disable=g-import-not-at-top
+
+    def read(step):
+      items = dict(state=ocp.args.StandardRestore(abstract_state),
+                   data=grain.checkpoint.CheckpointRestore(data_iterator))
+      if "progress" in self._manager.item_metadata(step).keys():
+        items["progress"] = ocp.args.JsonRestore()
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      return Restored(restored["state"], restored.get("progress") or {})
+    return self._newest_readable(read)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -91,3 +130,61 @@ def abstract_like(state_shapes: TrainState, shardings: TrainState) -> TrainState
   """ShapeDtypeStructs carrying shardings, the restore target."""
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       state_shapes, shardings)
+
+
+def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConfig, Any]:
+  """The model config and parameters of a training run, from its workdir.
+
+  Args:
+    workdir: the run's --workdir (or its `checkpoints/` directory).
+    step: which checkpoint; None for the newest readable one.
+
+  Returns:
+    (config, params): the run's exact `ModelConfig` and its parameters (a pytree of arrays on
+    the default device), ready for `LanguageModel(config).apply` or `generate`. Only the
+    parameters are read, not the optimizer state.
+  """
+  directory = workdir if os.path.basename(os.path.normpath(workdir)) == "checkpoints" \
+      else checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise ValueError(f"no checkpoints in {workdir!r} (no directory {directory})")
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "model": ocp.JsonCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(), "progress": ocp.JsonCheckpointHandler(),
+      # Not read here; named so that Orbax does not warn about an unknown item.
+      "data": ocp.JsonCheckpointHandler()})
+  steps = sorted(manager.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise ValueError(f"no checkpoint of step {step} in {directory}; steps: {sorted(steps)}")
+    steps = [step]
+  errors = []
+  for s in steps:
+    try:
+      return _load_step(manager, s)
+    except Exception as e:  # noqa: BLE001 - reported, then the next older one is tried
+      errors.append(f"step {s} at {os.path.join(directory, str(s))}: {_first_line(e)}")
+      if step is None:
+        warnings.warn(f"checkpoint {errors[-1]} cannot be read; trying the previous one")
+  if not steps:
+    raise ValueError(f"no checkpoints in {directory}")
+  raise ValueError("no readable checkpoint: " + "; ".join(errors))
+
+
+def _load_step(manager: ocp.CheckpointManager, step: int) -> tuple[ModelConfig, Any]:
+  if "model" in manager.item_metadata(step).keys():
+    config = ModelConfig(**manager.restore(step, args=ocp.args.Composite(
+        model=ocp.args.JsonRestore()))["model"])
+  else:  # checkpoints written before the model item: the run config's model.* fields
+    run = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    config = ModelConfig(**{k[len("model."):]: v for k, v in run.items()
+                            if k.startswith("model.")})
+  meta = manager.item_metadata(step)["state"].tree
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = {"params": jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), meta["params"])}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                       target))))
+  return config, restored["state"]["params"]

@@ -1,4 +1,6 @@
-"""Metrics to a JSONL file (one object per log) and to TensorBoard event files."""
+"""Metrics to a JSONL file (one object per log, flushed at once) and to TensorBoard event files
+(flushed at every checkpoint and at exit, so a killed run loses no more TensorBoard history than
+it loses training)."""
 
 import json
 import os
@@ -21,6 +23,9 @@ class MetricWriter:
     self._jsonl.flush()
     for name, value in metrics.items():
       self._tb.add_scalar(name, float(value), step)
+
+  def flush(self) -> None:
+    self._tb.flush()
 
   def close(self) -> None:
     self._jsonl.close()

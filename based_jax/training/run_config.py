@@ -1,8 +1,10 @@
 """The configuration of a training run, with named presets, and absl flags for every field."""
 
 import dataclasses
+import inspect
+import re
 import typing
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from absl import flags
 
@@ -14,8 +16,8 @@ from based_jax.training.optimizer import OptimizerConfig
 class RunConfig:
   """Everything that defines a run besides the model fields (see ModelConfig)."""
   model: str = "mqar_based"  # model preset name (based_jax.config.PRESETS).
-  train_mix: str = "small_train"  # MQAR training mix name (data.mqar).
-  test_mix: str = "small_test"  # MQAR test slices, evaluated separately.
+  train_mix: str = "small_train"  # MQAR training mix name (based_jax.data.mqar.MIXES).
+  test_mix: str = "small_test"  # MQAR test mix name; its slices are evaluated separately.
   vocab_size: int = 8192  # MQAR vocabulary: keys [1, V/2), values [V/2, V).
   batch_size: int = 64  # global batch, split over the devices.
   eval_every: int = 100  # steps between evaluations.
@@ -56,7 +58,7 @@ MODEL_RUNTIME_FIELDS = ("linear_attention_impl", "attention_impl", "attention_de
 
 RUN_PRESETS: dict[str, RunConfig] = {
     # The README default: BASED d_model 128, d' 64, init std 0.05 on the dense mix; stops at
-    # 0.99 (step 400, about 2.5 minutes on 2 cores). Recipe search: README, "Training".
+    # 0.99 (step 400, about 2.5 minutes on 2 cores). Recipe search: docs/training.md.
     "mqar_small": RunConfig(
         model="mqar_based_cpu", train_mix="dense_train", batch_size=64, eval_every=200,
         checkpoint_every=200,
@@ -88,19 +90,48 @@ def _field_types(cls) -> dict[str, type]:
   return {f.name: hints[f.name] for f in dataclasses.fields(cls) if hints[f.name] in _SCALARS}
 
 
-def define_flags(cls, prefix: str = "") -> None:
-  """Defines --<prefix><field> for each scalar field of `cls`, default None (= preset)."""
-  definers = {int: flags.DEFINE_integer, float: flags.DEFINE_float, str: flags.DEFINE_string,
-              bool: flags.DEFINE_bool}
+def field_comments(cls) -> dict[str, str]:
+  """The comment of each field of a config dataclass: the text after `#` on the field's line,
+  or the comment lines right above it (the dataclasses' one-comment-per-field convention)."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  comments, above = {}, []
+  for line in inspect.getsource(cls).splitlines():
+    stripped = line.strip()
+    field = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", stripped)
+    if stripped.startswith("#"):
+      above.append(stripped.lstrip("# "))
+    elif field and field.group(1) in names and field.group(1) not in comments:
+      comments[field.group(1)] = field.group(2) or " ".join(above)
+      above = []
+    else:
+      above = []
+  return comments
+
+
+def define_flags(cls, presets: dict[str, Any],
+                 choices: Optional[dict[str, Sequence[str]]] = None) -> None:
+  """Defines --<field> for each scalar field of `cls`, default None (= the --run preset's
+  value); its help is the field's comment and each preset's value (`presets`: name -> `cls`
+  instance); `choices` makes str fields enums. A script lists these flags in its --help with
+  `flags.adopt_module_key_flags(run_config)`."""
+  choices = choices or {}
+  comments = field_comments(cls)
   for name, kind in _field_types(cls).items():
-    definers[kind](prefix + name, None, f"Override {cls.__name__}.{name}.")
+    values = ", ".join(f"{p} {getattr(c, name)!r}" for p, c in sorted(presets.items()))
+    help_text = f"{comments.get(name, '')} Unset: the --run preset's value ({values})."
+    if name in choices:
+      flags.DEFINE_enum(name, None, list(choices[name]), help_text)
+    else:
+      definer = {int: flags.DEFINE_integer, float: flags.DEFINE_float,
+                 str: flags.DEFINE_string, bool: flags.DEFINE_bool}[kind]
+      definer(name, None, help_text)
 
 
-def overrides_from_flags(cls, prefix: str = "") -> dict[str, Any]:
+def overrides_from_flags(cls) -> dict[str, Any]:
   """Field values given on the command line."""
   values = {}
   for name in _field_types(cls):
-    value = flags.FLAGS[prefix + name].value
+    value = flags.FLAGS[name].value
     if value is not None:
       values[name] = value
   return values
