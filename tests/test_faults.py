@@ -6,9 +6,12 @@ The subprocess cases use the harness of `experiments/fault_injection.py` (whose 
 is the committed benchmark); the others call the training loop in this process.
 """
 
+import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -86,6 +89,19 @@ def test_one_run_per_workdir(tmp_path, capsys):
   summary, _ = train(RUN, MODEL, str(tmp_path), steps_this_run=2)
   assert summary["step"] == 2
   assert "taking over the stale lock of pid 999999 on host gone" in capsys.readouterr().err
+
+
+def test_evaluate_mqar_from_a_workdir_reproduces_the_runs_results(tmp_path):
+  run = RUN.replace(optimizer=dataclasses.replace(RUN.optimizer, learning_rate=2e-2))
+  summary, _ = train(run, MODEL, str(tmp_path / "run"))
+  out = tmp_path / "eval.json"
+  result = subprocess.run([sys.executable, "-m", "experiments.evaluate_mqar",
+                           f"--workdir={tmp_path / 'run'}", f"--out={out}"], cwd=fi.ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  evaluated = json.loads(out.read_text())
+  assert {k: v for k, v in evaluated.items() if k.startswith("test/")} == {
+      k: v for k, v in summary.items() if k.startswith("test/")}
 
 
 def test_load_checkpoint_restores_the_runs_exact_config_and_params(tmp_path):

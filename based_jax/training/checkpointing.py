@@ -144,6 +144,19 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConf
     the default device), ready for `LanguageModel(config).apply` or `generate`. Only the
     parameters are read, not the optimizer state.
   """
+  return _read_checkpoint(workdir, step, _load_step)
+
+
+def load_run_config(workdir: str, step: Optional[int] = None) -> dict:
+  """The run config a checkpoint was written with (`RunConfig.to_json`: data, batch, seed and
+  optimizer fields, the model's as `model.<field>`); step None: the newest readable one."""
+  return _read_checkpoint(workdir, step, lambda manager, s: manager.restore(
+      s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+
+def _read_checkpoint(workdir: str, step: Optional[int], read):
+  """`read(manager, step)` of the given step, or of the newest step it succeeds on (the
+  others reported); nothing is moved or written (the run may be live)."""
   directory = workdir if os.path.basename(os.path.normpath(workdir)) == "checkpoints" \
       else checkpoint_dir(workdir)
   if not os.path.isdir(directory):
@@ -161,7 +174,7 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConf
   errors = []
   for s in steps:
     try:
-      return _load_step(manager, s)
+      return read(manager, s)
     except Exception as e:  # noqa: BLE001 - reported, then the next older one is tried
       errors.append(f"step {s} at {os.path.join(directory, str(s))}: {_first_line(e)}")
       if step is None:

@@ -1,5 +1,7 @@
 """The chunked kernels' layout of the quadratic features: a diagonal block and cyclic pairs.
 
+Shapes use the dimension letters of `based_jax/__init__.py`.
+
 The packed basis of `feature_map.py` keeps the F(F+1)/2 distinct terms x_i x_j, i <= j, in
 triangle order, which a kernel cannot form from a [C, F] register tile with 2-D tensor
 operations. The kernels use the same terms in a cyclic order instead, split into two blocks

@@ -1,5 +1,7 @@
 """The second-order Taylor feature map of BASED's linear attention, in its packed basis.
 
+Shapes use the dimension letters of `based_jax/__init__.py`.
+
     phi(x) = [1, x / F^(1/4), (w_ij x_i x_j / sqrt(F))_{i <= j}]      (width E = 1 + F + F(F+1)/2)
 
 with w_ii = 1 / sqrt(2) and w_ij = 1 for i < j, so that phi(q) . phi(k) = 1 + s + s^2 / 2 with
@@ -7,10 +9,10 @@ s = q . k / sqrt(F), the Taylor expansion of exp(s) to second order. The polynom
 >= 1/2, so the attention weights are positive and the normaliser never vanishes.
 
 The paper writes the quadratic block as the full outer product vec(x x^T) / (sqrt(2) sqrt(F))
-(F^2 terms, E = 273 at F = 16); x x^T is symmetric, so only its F(F+1)/2 distinct terms are
-kept (E = 153), with the weights above making the inner products equal. Every state this
-package hands out (prefill, decoding) is in the packed basis: 0.56x the bytes of the full one,
-which is what a decoding step must read and write. The chunked kernels keep the same terms in
+(F^2 terms, a width of 273 at F = 16); x x^T is symmetric, so only its F(F+1)/2 distinct
+terms are kept (E = 153), with the weights above making the inner products equal. Every state
+this package hands out (prefill, decoding) is in the packed basis: 0.56x the bytes of the full
+one, which is what a decoding step must read and write. The chunked kernels keep the same terms in
 another order (`cyclic_basis.py`) and convert their state at the boundary.
 """
 

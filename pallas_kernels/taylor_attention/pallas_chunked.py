@@ -1,83 +1,69 @@
 """Chunked causal Taylor linear attention as Pallas kernels (Triton lowering), with a custom VJP.
 
-Letters as in `reference.py`: B batch, T time, H heads, F feature dim (d' = 16), D value head
-dim; C is the chunk length, W = F^2 / 2 the off-diagonal quadratic features, E = 1 + 2F + W
-(161 at F = 16) the width of the kernels' basis, L the segment length, S = T / L the number
-of segments.
+Shapes use the dimension letters of `based_jax/__init__.py` (here F = 16, and K, the value
+head dim, is padded to a power of two). Letters local to these kernels:
 
-The basis. The kernels hold the quadratic features in the cyclic layout of `cyclic_basis.py`:
-a diagonal block diag(x) [F] and an off-diagonal block off(x) [W] of the distinct products
-x_i x_j, both power-of-two wide, formed in registers from the [C, F] tile (`_features`: off
-is the product of two exact 0/1 spreading matmuls, of x / sqrt F and of x). That is 144
+    L  segment length: the tokens one program walks      G  segments per sequence, T / L
+    R  F^2 / 2, the off-diagonal quadratic features      U  1 + 2F + R, the width of the
+                                                            kernels' basis (161 at F = 16)
+
+Basis. The kernels hold the quadratic features in the cyclic layout of `cyclic_basis.py`: a
+diagonal block diag(x) [F] and an off-diagonal block off(x) [R] of the distinct products
+x_i x_j, both power-of-two wide, formed in registers from the [C, F] tile (`_features`: off is
+the product of two exact 0/1 spreading matmuls, of x / sqrt F and of x). That is F + R = 144
 quadratic rows instead of the full outer product's 256: 0.56x the state products, which
 dominate the arithmetic. `chunked` converts the state it takes and returns to and from the
-packed basis of `feature_map.py`.
+packed basis of `feature_map.py` (width E).
 
-The state. Per (batch, head) the running sums over keys, float32 and on chip, in four blocks:
+State. Per (batch, head) the running sums over keys, float32 and on chip, in four blocks:
 
-    a0 [D] = sum v,            a1 [F, D] = sum k~ v^T,
-    a2 [F, D] = sum diag(k) v^T,  a3 [W, D] = sum off(k) v^T,
-    k0 [1], k1 [F], k2 [F], k3 [W]: the same sums without v (the normaliser),
+    a0 [K] = sum v,               a1 [F, K] = sum k~ v^T,
+    a2 [F, K] = sum diag(k) v^T,  a3 [R, K] = sum off(k) v^T,
+    k0 [1], k1 [F], k2 [F], k3 [R]: the same sums without v (the normaliser),
 
 where k~ = k / F^(1/4) is the linear block of the feature map.
 
-Tiling. Time is cut into S segments of L tokens, and one program owns one (batch, head,
-segment) triple (in the forward also one block of `block_d` value columns). It walks its
-segment C tokens at a time, starting from the state at the segment's start:
+Forward. Time is cut into G segments of L tokens, and one program owns one (batch, head,
+segment, block of `block_d` value columns). It walks its segment C tokens at a time, starting
+from the state at the segment's start:
 
     s = q k^T / sqrt F,  w = causal(1 + s + s^2/2)                          [C, C]
     num = w v + a0 + sum_i phi_i(q) a_i,  den = rowsum w + k0 + sum_i phi_i(q).k_i
-    then the chunk's keys are added to the state.
+    y = num * (1 / den) (one division per row), then the chunk's keys join the state.
 
-The segment start states come from a cheap first pass: one program per (batch, head, segment)
-sums phi(k) v^T over its segment (no outputs, no chunk-local quadratic form), and XLA adds the
-sums up across segments (an exclusive prefix sum of S - 1 float32 [E, D] blocks). Segments pay
-only when B H alone cannot fill the GPU (small batch, long prompts): measured on an H100 at
-B = 8, H = 16, T = 8192 the kernels are throughput-bound (register-resident state, small
-products) and S = 1 is fastest (compare `bench_prefill --variants=//8192,//1024`), so
-`segment_length` splits time only up to about TARGET_PROGRAMS programs.
+With G > 1 the segment start states come from a first pass: one program per (batch, head,
+segment) sums phi(k) v^T over its segment (no outputs, no chunk-local form), and XLA adds the
+sums up across segments (an exclusive prefix sum of G - 1 float32 [U, K] blocks). Segments
+add that pass, so `segment_length` cuts time only while B H is below TARGET_PROGRAMS (into
+about TARGET_PROGRAMS / (B H) segments, none shorter than MIN_SEGMENT tokens). Without an
+initial state a single-segment forward starts from zero and reads no state.
 
-Nothing E-wide ever goes to HBM except these per-segment states. Matrix products take the
-input dtype (bf16 runs on tensor cores) and accumulate in float32; the state, the numerator and
-the normaliser stay float32 through the division. With float32 inputs the products are IEEE
+Nothing U-wide goes to HBM except these per-segment states. Matrix products take the input
+dtype (bf16 runs on tensor cores) and accumulate in float32; the state, the numerator and the
+normaliser stay float32 through the division. With float32 inputs the products are IEEE
 float32.
 
-Roofline (H100, bf16, B=8, H=16, F=16, D=64, T=8192): HBM traffic is q, k, v, y once
-(about 0.34 GB, 0.11 ms at 3 TB/s), a float32 normaliser per token and S float32 [E, D] states
-per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + W) D for the state
-read and update, 2 C (F + D) for the chunk-local form and 4 F W per value-column block for the
-spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. Measured
-(experiments/results/prefill_h100_d64.json) the forward takes 0.78 ms there and forward +
-backward 3.46 ms, not bound by HBM: ncu shows 239-255 registers per thread (the float32
-[E, block_d] state lives in registers), so an SM holds two 4-warp programs, 2 warps per
-scheduler, issuing an instruction every 2.8 cycles on average (latency bound); half the
-instructions are float32 elementwise work and shuffles, the normaliser's row sums 16% of the
-time. Closing the gap to the roofline needs warpgroup (wgmma) products with the state in
-shared memory: the Mosaic GPU lowering. Tried and dropped: loading x_i and x_j for `off` as
-two gathered loads of the q/k tile instead of the spreading products (2.5x slower forward);
-the normaliser as an [F, F] matrix, n0 + q~ . n1 + q^T N q, whose tiny products and layout
-changes cost more than the row sums they replace (1.01 against 0.92 ms forward); the
-normaliser as 16 extra value columns of ones, so that its state is read and updated by the
-same tensor-core products as the values (no row or column sums): 2x slower (1.65 against
-0.81 ms forward), the narrow products and their operand layout changes again dearer than the
-reductions. Multiplying by 1 / den instead of dividing every element saves 1-3%.
+Backward. The same segment scheme, two walking kernels with a float32 state-sized
+accumulator. With g = dy / den and r = -(dy . y) / den per query (r is one XLA reduction
+before the kernels), dw_tj = g_t . v_j + r_t. `_dq_kernel` walks forward from the segment
+start states saved by the forward pass; `_dkv_kernel` walks backward carrying the state's
+cotangent (sums of phi(q) g^T over later queries), seeded per segment with the final state's
+cotangent plus the sums of all later segments (a first pass, `_query_sums_kernel`, and a
+reverse prefix sum), and returns the initial state's cotangent. All of them split K into
+`block_d` column programs like the forward: dv and the state cotangent split exactly; dq and
+dk are sums over the column blocks (each program writes its share in float32 and XLA adds
+them), and the normaliser's terms (r, its state cotangent) belong to block 0 alone. An unused
+final state (training) reaches the custom VJP as a symbolic zero: no cotangent conversion.
 
-Backward: the same segment scheme, two walking kernels with a float32 state-sized accumulator.
-With g = dy / den and r = -(dy . y) / den per query (r is one XLA reduction before the
-kernels), dw_tj = g_t . v_j + r_t. `_dq_kernel` walks forward from the segment start states
-saved by the forward pass; `_dkv_kernel` walks backward carrying the state's cotangent (sums
-of phi(q) g^T over later queries), seeded per segment with the final state's cotangent plus
-the sums of all later segments (a first pass, `_query_sums_kernel`, and a reverse prefix sum),
-and returns the initial state's cotangent. All of them split D into `block_d` column programs
-like the forward: dv and the state cotangent split exactly; dq and dk are sums over the column
-blocks (each program writes its share in float32 and XLA adds them), and the normaliser's
-terms (r, its state cotangent) belong to block 0 alone. Splitting dq too (it used to take all
-of D in one program, 128 programs for 132 SMs) made forward + backward 1.12x faster (3.93 ->
-3.46 ms in one A/B run); giving every block its own share of r instead (computed in-kernel
-from a y block, no XLA reduction) was 1.17x slower, and dividing dy . y by den in the kernels
-instead of in XLA 1.05x slower (register pressure: these kernels are that sensitive). Summing
-dk's shares inside the dq kernel (run after dkv) instead of in XLA, with r's division folded
-into its reduction, was 1.02-1.03x slower too (prefill_backward_glue_ab_h200.json).
+Roofline (bf16, B = 8, H = 16, F = 16, K = 64, T = 8192). HBM traffic is q, k, v, y once
+(about 0.34 GB, 0.11 ms at 3 TB/s), a float32 normaliser per token and G float32 [U, K]
+states per (batch, head); the arithmetic per token and (batch, head) is 4 (2F + R) K for the
+state read and update, 2 C (F + K) for the chunk-local form and 4 F R per value-column block
+for the spreading products, about 8e10 flops in all, 0.1 ms at tensor-core rate. The kernels
+are bound by neither but by latency: the float32 [U, block_d] state lives in registers, so an
+SM holds two 4-warp programs, 2 warps per scheduler. Closing the gap needs warpgroup (wgmma)
+products with the state in shared memory: the Mosaic GPU lowering. The measurements, the
+profiles and the designs tried are in docs/kernels.md.
 """
 
 import dataclasses
@@ -98,7 +84,7 @@ from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stor
 class Tiling:
   """How one kernel tiles its work (see the module docstring)."""
   chunk: int = 64  # C: tokens per step of a program's walk (a power of two >= 16)
-  block_d: int = 64  # value columns per program (every kernel splits D into such blocks)
+  block_d: int = 64  # value columns per program (every kernel splits K into such blocks)
   num_warps: int = 4  # Triton warps per program
   num_stages: int = 1  # Triton software-pipelining stages
 
@@ -111,13 +97,11 @@ class Tiling:
       raise ValueError(f"bad Tiling num_warps={self.num_warps} num_stages={self.num_stages}")
 
 
-# Tuned on an H100 at B=8, H=16, D=64, T=8192, bf16 (experiments/bench_prefill.py --variants):
-# the fastest of the chunk / block_d / warps / stages tried. Pipelining stages let Triton
-# prefetch the next chunk's tiles while the current one computes: with one stage ncu showed a
-# third of the forward's stall samples on stores of just-loaded tiles to shared memory (three
-# stages: 1.07 -> 0.81 ms forward; four or five no better). The backward at chunk 32 beats
-# chunk 64 by 1.5x and chunk 16 by 1.5%; two 4-warp column programs beat one 8-warp program over
-# all of D (which spilled registers) and 16-column blocks (2.7x slower); 2 stages cost 8%.
+# Forward and backward alike: chunks of 32 tokens, 4-warp programs of 32 value columns (K = 64
+# takes two), and three software-pipelining stages, with which Triton loads the next chunk's
+# tiles while the current one computes. Chosen on an H100 at B=8, H=16, K=64, T=8192, bf16 with
+# `python -m experiments.bench_prefill --variants=...`; the alternatives and their timings are
+# in docs/kernels.md.
 FORWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 BACKWARD_TILING = Tiling(chunk=32, block_d=32, num_warps=4, num_stages=3)
 TARGET_PROGRAMS = 128  # auto segments: split time until about this many programs (~SM count)
@@ -157,7 +141,7 @@ def _block_sizes(f: int) -> tuple[int, ...]:
 
 
 def _spreading(f, dtype):
-  """The 0/1 matrices (tile, roll) [F, F^2/2] of `off`."""
+  """The 0/1 matrices (tile, roll) [F, R] of `off`."""
   shape = (f, cyclic_basis.off_width(f))
   p = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
   tile, roll = cyclic_basis.spreading_rows(f, p, jax.lax.broadcasted_iota(jnp.int32, shape, 0))
@@ -165,7 +149,7 @@ def _spreading(f, dtype):
 
 
 def _spread(x, sc):
-  """x / sqrt F @ tile and x @ roll [C, F^2/2], the two factors of `off` (a [C, F] input)."""
+  """x / sqrt F @ tile and x @ roll [C, R], the two factors of `off` (a [C, F] input)."""
   tile, roll = _spreading(x.shape[1], x.dtype)
   xs = (x.astype(jnp.float32) * sc.off).astype(x.dtype)
   return _dot(xs, tile, x.dtype), _dot(x, roll, x.dtype)
@@ -173,7 +157,7 @@ def _spread(x, sc):
 
 def _features(x, sc):
   """[C, F] -> phi(x) after its constant, as float32 blocks (linear [C, F], diag [C, F],
-  off [C, F^2/2]) in the cyclic basis."""
+  off [C, R]) in the cyclic basis."""
   xf = x.astype(jnp.float32)
   x_tile, x_roll = _spread(x, sc)
   return xf * sc.linear, xf * xf * sc.quad, x_tile * x_roll
@@ -202,8 +186,8 @@ def _chunk_local(q, k, t0, chunk, length, sc):
 
 
 def _load_state(kv_ref, k_ref, f, zero=False):
-  """The state refs [E, Dv] and [E] as float32 blocks, one per `_block_sizes` entry; with
-  `zero` (the refs hold zeros) zeros, without reading them."""
+  """The state refs [U, block_d] and [U] as float32 blocks, one per `_block_sizes` entry;
+  with `zero` (the refs hold zeros) zeros, without reading them."""
   if zero:
     return _zero_state(f, kv_ref.shape[1])
   starts = np.cumsum((0,) + _block_sizes(f))
@@ -212,7 +196,7 @@ def _load_state(kv_ref, k_ref, f, zero=False):
 
 
 def _store_rows(ref, blocks, f):
-  """Writes the `_block_sizes` blocks of a state (kv [E, D] or k [E]) to its ref."""
+  """Writes the `_block_sizes` blocks of a state (kv [U, block_d] or k [U]) to its ref."""
   for start, n, x in zip(np.cumsum((0,) + _block_sizes(f)), _block_sizes(f), blocks):
     ref[pl.ds(int(start), n), ...] = x
 
@@ -228,7 +212,7 @@ def _zero_state(f, d):
 
 
 def _read_state(feats, a, ks, dtype):
-  """phi(q) . state for the numerator [C, Dv] and the normaliser [C]."""
+  """phi(q) . state for the numerator [C, block_d] and the normaliser [C]."""
   num = a[0]
   for x, a_i in zip(feats, a[1:]):
     num += _dot(x, a_i, dtype)
@@ -249,7 +233,7 @@ def _accumulate(feats, g, r, a, ks, dtype):
 
 
 def _add_keys(feats, v, key_valid, a, ks, dtype):
-  """The state after adding the chunk's valid keys (features `feats`) with values v [C, Dv]."""
+  """The state after adding the chunk's valid keys (features `feats`), values v [C, block_d]."""
   m = key_valid.astype(jnp.float32)
   return _accumulate(feats, v.astype(jnp.float32) * m[:, None], m, a, ks, dtype)
 
@@ -270,7 +254,7 @@ def _key_valid(t0, chunk, length):
   return (t0 + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)) < length
 
 
-# --- Kernels. Refs hold one segment: q, k [L, F], v, y, dy [L, D or block_d], den [L]. ---
+# --- Kernels. Refs hold one segment: q, k [L, F], v, y, dy [L, K or block_d], den [L]. ---
 # Grid axis 2 is the segment; `start` is the absolute time of the segment's first token.
 
 def _key_sums_kernel(len_ref, k_ref, v_ref, kv_ref, ks_ref, *, chunk):
@@ -389,8 +373,8 @@ def _dkv_kernel(len_ref, q_ref, k_ref, v_ref, dy_ref, den_ref, r_ref, dkv1_ref, 
     pl.when(first)(lambda: _store_rows(dk0_ref, dks, f))
 
 
-# --- pallas_call wrappers over [B, T, H, .] arrays (T a multiple of L, D a power of 2) ---
-# Grids are (B, H, segments[, column blocks]); `shift` offsets the segment a program reads.
+# --- pallas_call wrappers over [B, T, H, .] arrays (T a multiple of L, K a power of 2) ---
+# Grids are (B, H, G[, column blocks]); `shift` offsets the segment a program reads.
 
 def _seq_spec(seg, width, d_block=None, shift=0):
   """One segment of one (batch, head) sequence: [L, width] or a `d_block` column slice."""
@@ -408,8 +392,8 @@ def _len_spec():
 
 
 def _segment_state_specs(e, d_block, shared=False):
-  """Per-segment states [B, H, S, E, D] and [B, H, S, E], or with `shared` one state
-  [1, 1, 1, E, D] and [1, 1, 1, E] for every program."""
+  """Per-segment states [B, H, G, U, K] and [B, H, G, U], or with `shared` one state
+  [1, 1, 1, U, K] and [1, 1, 1, U] for every program."""
   pick = (lambda *_: (0, 0, 0)) if shared else (lambda b, h, s: (b, h, s))
   return (pl.BlockSpec((None, None, None, e, d_block), lambda b, h, s, j: (*pick(b, h, s), 0, j)),
           pl.BlockSpec((None, None, None, e), lambda b, h, s, j: (*pick(b, h, s), 0)))
@@ -417,14 +401,14 @@ def _segment_state_specs(e, d_block, shared=False):
 
 def _with_later_sums(first, sums, reverse=False):
   """[first, first + sums_0, ...] along the segment axis (2), `first` [B or 1, H or 1, 1, ...]
-  the state at the first segment start; reversed: [..., first + sums_{S-2}, first]."""
+  the state at the first segment start; reversed: [..., first + sums_{G-2}, first]."""
   first = jnp.broadcast_to(first, sums.shape[:2] + first.shape[2:])
   later = first + jax.lax.cumsum(sums, axis=2, reverse=reverse)
   return jnp.concatenate([later, first] if reverse else [first, later], axis=2)
 
 
 def _state_specs(e, d_block):
-  """One state per sequence, [B, H, E, D] and [B, H, E] (written by one segment)."""
+  """One state per sequence, [B, H, U, K] and [B, H, U] (written by one segment)."""
   return (pl.BlockSpec((None, None, e, d_block), lambda b, h, s, j=0: (b, h, 0, j)),
           pl.BlockSpec((None, None, e), lambda b, h, *_: (b, h, 0)))
 
@@ -444,7 +428,7 @@ def _call(kernel, tiling, interpret, **kw):
 
 def _forward(q, k, v, kv0, k0, lengths, opt):
   """y, den [B, H, T] and the final state, plus the segment start states for the backward.
-  Without `opt.initial_state`, kv0, k0 are the zero state [1, 1, E, D], [1, 1, E], which the
+  Without `opt.initial_state`, kv0, k0 are the zero state [1, 1, U, K], [1, 1, U], which the
   kernel does not read (no B H copies of zeros are made or converted to the kernel basis)."""
   eps, seg, tiling, interpret = opt.eps, opt.seg, opt.forward, opt.interpret
   zero_start = not opt.initial_state
@@ -473,11 +457,10 @@ def _forward(q, k, v, kv0, k0, lengths, opt):
 
 
 def _backward(q, k, v, y, dy, den, kv_starts, k_starts, dkv1, dk1, lengths, opt):
-  """Gradients of `_forward`; every kernel splits D into `block_d` column programs, and dq
+  """Gradients of `_forward`; every kernel splits K into `block_d` column programs, and dq
   and dk are summed over the column blocks here. A zero state of leading dims [1, 1] (no
-  initial state; an unused final state) is broadcast to every sequence: starting dq and dkv
-  from constant zeros instead made those kernels 1.7% slower (Triton's register allocation;
-  experiments/results/prefill_zero_start_ncu_h100.json)."""
+  initial state; an unused final state) is broadcast to every sequence and read: unlike the
+  forward, dq and dkv do not start from constant zeros (slower there, see docs/kernels.md)."""
   seg, tiling, interpret = opt.seg, opt.backward, opt.interpret
   b, t, h, f = q.shape
   d, e, n = v.shape[-1], dkv1.shape[2], t // seg
@@ -564,9 +547,9 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState |
   """Causal Taylor linear attention through the Pallas kernels.
 
   Args:
-    q, k: [B, T, H, F] (F a power of two); v: [B, T, H, D]; any T, any D.
-    state: the initial state in the packed basis ([B, H, E', D] float32 or bf16 and float32
-      [B, H, E'], E' = `feature_width(F)`), or None for zero (then no state is read, and none
+    q, k: [B, T, H, F] (F a power of two); v: [B, T, H, K]; any T, any K.
+    state: the initial state in the packed basis ([B, H, E, K] float32 or bf16 and float32
+      [B, H, E], E = `feature_width(F)`), or None for zero (then no state is read, and none
       is broadcast to B H copies).
     lengths: [B] int32, valid leading tokens per sequence (later keys are ignored).
     eps: added to the normaliser.
@@ -576,7 +559,7 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState |
     interpret: run the kernels in the Pallas interpreter (CPU tests).
 
   Returns:
-    y [B, T, H, D] in v's dtype and the final state; differentiable in q, k, v and state.
+    y [B, T, H, K] in v's dtype and the final state; differentiable in q, k, v and state.
   """
   b, t, h, f = q.shape
   d = v.shape[-1]
@@ -600,6 +583,6 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState |
 
 
 def _change_basis(x: jnp.ndarray, f: int, convert) -> jnp.ndarray:
-  """A state [B, H, E, ...] with its quadratic rows (axis 2, after the 1 + F others) converted
-  between the packed basis of `feature_map.py` and the kernels' cyclic one."""
+  """A state [B, H, E or U, ...] with its quadratic rows (axis 2, after the 1 + F others)
+  converted between the packed basis of `feature_map.py` and the kernels' cyclic one."""
   return jnp.concatenate([x[:, :, :1 + f], convert(x[:, :, 1 + f:], f, axis=2)], axis=2)

@@ -1,28 +1,26 @@
 """The fused decoding step of Taylor linear attention as a Pallas kernel (Triton lowering).
 
-Letters as in `reference.py`. For each (batch, head) and block of Dv value columns one program
-reads the state (kv [E, Dv] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and
-phi(k_t), reads out y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in
-place (the state buffer is aliased to the output; the small k state is written to a fresh
-buffer, since several column blocks read it). The features phi(q_t), phi(k_t) [E] come in
-precomputed by `feature_map.taylor_feature_map` (one definition of the packed basis; they are
-2 E floats per head, against the 2 E (D + 1) of reading and writing the state).
+Shapes use the dimension letters of `based_jax/__init__.py` (E = 153 at F = 16).
 
-Roofline: memory-bound. Per step and head the floor is one read and one write of the state,
-2 * 4 * E * (D + 1) bytes (about 79 KB at F = 16, E = 153, D = 64; a bf16 kv about halves it);
-the flops (about 6 E D) are negligible. Value columns come in blocks of `max_block_d` (a power
-of two); a head dim such as 112 is covered by a block of 128 whose overhanging columns are
-masked (no padded copies). The E state rows are loaded and stored `block_e` rows at a time,
-each block a power of two and the last one ending at row E over its predecessor's last rows,
-masked (E = 153: rows 0, 32, 64, 96 and 121 with 121-127 masked). The earlier split into
-power-of-two pieces (64 + 64 + 16 + 8 + 1) spent two of its five round trips on 9 rows; the
-equal blocks were 1.01-1.05x faster at B = 256 and 1.00-1.02x at B = 1024 (same-process A/B on
-the H100, experiments/results/decode_step_row_blocks_ab_h100.json). Loading every block before updating any was no
-faster, and splitting the rows over programs (partial sums added by XLA) slower; a [256, 128]
-float32 tile spills registers (7.5x slower). Measured (experiments/results/
-decode_step_packed_h100.json, H100) the kernel reaches 0.71 of the copy bandwidth at B = 256,
-H = 16, D = 64 (XLA's fusion 0.80: `api` uses XLA at D <= 64) and 0.77-0.84 at D = 112, ahead
-of XLA's 0.66-0.71.
+One pass. For each (batch, head) and block of value columns one program reads the state (kv
+[E, block] float32 or bf16, k [E] float32) once, adds phi(k_t) v_t^T and phi(k_t), reads out
+y_t = phi(q_t) kv / (phi(q_t) . k + eps) and writes the state back in place (the kv buffer is
+aliased to the output; the small k state is written to a fresh buffer, since several column
+blocks read it). The features phi(q_t), phi(k_t) [E] come in precomputed by
+`feature_map.taylor_feature_map` (one definition of the packed basis; they are 2 E floats per
+head, against the 2 E (K + 1) of reading and writing the state).
+
+Tiling. Value columns come in blocks of `max_block_d` (a power of two); a head dim such as 112
+is covered by a block of 128 whose overhanging columns are masked (no padded copies). The E
+state rows are loaded and stored `block_e` rows at a time (`row_blocks`): equal power-of-two
+blocks, the last one ending at row E over its predecessor's last rows, which it masks (E = 153,
+block_e = 32: rows 0, 32, 64, 96 and 121, with 121-127 masked).
+
+Roofline. Memory-bound: per step and head the floor is one read and one write of the state,
+2 * 4 * E * (K + 1) bytes (about 79 KB at E = 153, K = 64; a bf16 kv about halves it); the
+flops (about 6 E K) are negligible. With impl="auto", `api` sends decode steps with
+K <= DECODE_XLA_MAX_VALUE_DIM to XLA's fused step instead, measured faster there. The
+measurements and the designs tried are in docs/kernels.md.
 """
 
 import functools
@@ -48,7 +46,7 @@ def row_blocks(e: int, block_e: int) -> tuple[int, list[tuple[int, int]]]:
 def _kernel(valid_ref, phi_q_ref, phi_k_ref, v_ref, kv_ref, ks_ref, y_ref, kv_out, ks_out, *,
             eps, d, block_e):
   block_d = v_ref.shape[0]
-  col_ok = pl.program_id(2) * block_d + jnp.arange(block_d) < d  # block may overhang D
+  col_ok = pl.program_id(2) * block_d + jnp.arange(block_d) < d  # block may overhang K
   valid = valid_ref[0].astype(jnp.float32)
   v = plt.load(v_ref, mask=col_ok, other=0.0).astype(jnp.float32) * valid
   num = jnp.zeros(v.shape, jnp.float32)
@@ -80,13 +78,13 @@ def step(phi_q: jnp.ndarray, phi_k: jnp.ndarray, v: jnp.ndarray, state: TaylorSt
   """One decoding step for a batch.
 
   Args:
-    phi_q, phi_k: float32 [B, H, E] features of q_t, k_t; v: [B, H, D];
-    state: [B, H, E, D] float32 or bfloat16 (updated in float32, rounded when stored) and
+    phi_q, phi_k: float32 [B, H, E] features of q_t, k_t; v: [B, H, K];
+    state: [B, H, E, K] float32 or bfloat16 (updated in float32, rounded when stored) and
       float32 [B, H, E].
     valid: [B] bool; rows that are False leave their state unchanged (padding).
 
   Returns:
-    y [B, H, D] in v's dtype and the updated state (written in place when donated).
+    y [B, H, K] in v's dtype and the updated state (written in place when donated).
   """
   b, h, e = phi_q.shape
   d = v.shape[-1]

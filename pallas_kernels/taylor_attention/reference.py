@@ -1,7 +1,7 @@
 """Plain-JAX truth for causal Taylor linear attention: the quadratic and the recurrent forms.
 
-Dimension letters: B batch, T time, H heads, F query/key feature dim (d'), D value head dim,
-E = 1 + F + F(F+1)/2 the Taylor feature width (`feature_map.py`).
+Shapes use the dimension letters of `based_jax/__init__.py` (K is the value head dim, E the
+Taylor feature width of `feature_map.py`).
 
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 
@@ -25,7 +25,7 @@ from pallas_kernels.taylor_attention.state import TaylorState, stored_like, zero
 
 
 def initial_state(state: Optional[TaylorState], q: jnp.ndarray, v: jnp.ndarray) -> TaylorState:
-  """`state`, or the zero state matching q [B, T, H, F] and v [B, T, H, D]."""
+  """`state`, or the zero state matching q [B, T, H, F] and v [B, T, H, K]."""
   if state is not None:
     return state
   b, _, h, f = q.shape
@@ -40,13 +40,13 @@ def quadratic(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
 
   Args:
     q, k: [B, T, H, F].
-    v: [B, T, H, D].
+    v: [B, T, H, K].
     state: running sums of earlier tokens (zero if None).
     key_mask: [B, T] bool, False for keys to ignore (padding); all True if None.
     eps: added to the normaliser.
 
   Returns:
-    y: [B, T, H, D] in v's dtype, and the state after the last (unmasked) key.
+    y: [B, T, H, K] in v's dtype, and the state after the last (unmasked) key.
   """
   b, t, _, f = q.shape
   if key_mask is None:
@@ -85,11 +85,11 @@ def recurrent_step(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: Taylor
 
   Args:
     q, k: [B, H, F] for the current token.
-    v: [B, H, D].
+    v: [B, H, K].
     state: the sums over all earlier tokens.
 
   Returns:
-    y: [B, H, D] in v's dtype, and the updated state.
+    y: [B, H, K] in v's dtype, and the updated state.
   """
   return feature_step(taylor_feature_map(q), taylor_feature_map(k), v, state, eps=eps)
 

@@ -1,4 +1,7 @@
-"""The recurrent state of causal Taylor linear attention."""
+"""The recurrent state of causal Taylor linear attention.
+
+Shapes use the dimension letters of `based_jax/__init__.py`.
+"""
 
 from typing import NamedTuple
 
@@ -10,14 +13,13 @@ from pallas_kernels.taylor_attention.feature_map import compute_dtype, feature_w
 class TaylorState(NamedTuple):
   """Running sums over the keys seen so far, per head.
 
-  Shapes use B = batch, H = heads, E = feature width 1 + F + F(F+1)/2, D = value head dim.
   The normaliser k is always float32: it grows like the token count, and a bf16 copy stops
-  counting (simulated: 8e-2 logit error at 1024 tokens, experiments/state_precision.py). The
-  numerator kv is stored in float32 or bfloat16 (`STATE_DTYPES`); a bf16 kv halves the bytes a
-  decoding step moves. All arithmetic is float32: a bf16 kv is rounded once per update, when
+  counting (`experiments/state_precision.py` simulates one; docs/results.md). The numerator kv
+  is stored in float32 or bfloat16 (`STATE_DTYPES`); a bf16 kv halves the bytes a decoding
+  step moves. All arithmetic is float32: a bf16 kv is rounded once per update, when
   it is stored, and outputs are read out before that rounding.
   """
-  kv: jnp.ndarray  # [B, H, E, D]: sum_j phi(k_j) v_j^T, the numerator state.
+  kv: jnp.ndarray  # [B, H, E, K]: sum_j phi(k_j) v_j^T, the numerator state.
   k: jnp.ndarray  # [B, H, E]: sum_j phi(k_j), the normaliser state.
 
 

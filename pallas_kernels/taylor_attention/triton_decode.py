@@ -1,12 +1,13 @@
 """The decoding step as a plain Triton kernel called through jax-triton (GPU only, optional).
 
-Same contract and same one-pass design as `pallas_decode.py` (read the state once, add
-phi(k_t) v_t^T, read out y_t, write the state in place, features precomputed); here the
-pointer arithmetic is explicit and the E state rows are one masked tile of the next power of
-two rows.
-`available()` says whether jax-triton imports (it needs a CUDA jaxlib); `api.py` only offers
-this path when it does. The benchmark `experiments/bench_decode_step.py` compares it with
-the Pallas kernel and XLA.
+Shapes use the dimension letters of `based_jax/__init__.py`. Same contract and same one-pass
+design as `pallas_decode.py` (read the state once, add phi(k_t) v_t^T, read out y_t, write the
+state in place, features precomputed); here the pointer arithmetic is explicit, value columns
+come in blocks of up to 64 and the E state rows are one masked tile of the next power of two
+rows. Only `impl="triton"` runs it ("auto" never does); `available()` says whether jax-triton
+imports (it needs a CUDA jaxlib and `pip install -e ".[triton]"`), and `api.py` only offers
+this path when it does. `experiments/bench_decode_step.py` compares it with the Pallas kernel
+and XLA (docs/kernels.md).
 """
 
 import os

@@ -1,10 +1,11 @@
 """Chunked causal Taylor linear attention in pure JAX: the portable fallback, linear in T.
 
-Time is cut into chunks of C tokens. Inside a chunk the masked quadratic form is exact and
-cheap (C x C); across chunks the running state (phi(k)^T v sums, [E, D] per head) carries
-everything earlier. A `lax.scan` over chunks keeps memory at one state per chunk boundary.
-Cost per chunk: 2 C^2 (F + D) for the local part plus 4 C E D for reading and updating the
-state. The Pallas kernels in this package compute the same function faster on GPU.
+Shapes use the dimension letters of `based_jax/__init__.py`. Time is cut into chunks of C
+tokens. Inside a chunk the masked quadratic form is exact and cheap (C x C); across chunks the
+running state (phi(k)^T v sums, [E, K] per head) carries everything earlier. A `lax.scan` over
+chunks keeps memory at one state per chunk boundary. Cost per chunk: 2 C^2 (F + K) for the
+local part plus 4 C E K for reading and updating the state. The Pallas kernels in this package
+compute the same function faster on GPU.
 """
 
 from typing import Optional
