@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: timing, GPU time per kernel, the copy-bandwidth ceiling, metadata."""
+"""Shared benchmark helpers: model specs, timing, GPU time per kernel, the copy-bandwidth
+ceiling, metadata."""
 
 import collections
 import datetime
@@ -11,10 +12,44 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+
+from based_jax.config import ModelConfig, get_config
+
+
+def parse_model(spec: str) -> tuple[str, dict]:
+  """'preset+field=value+...' -> (preset, overrides); values parsed as int/float if they can."""
+  preset, *parts = spec.split("+")
+  overrides = {}
+  for part in parts:
+    if "=" not in part:
+      raise ValueError(f"model override {part!r} of {spec!r} is not field=value")
+    key, value = part.split("=", 1)
+    for cast in (int, float):
+      try:
+        value = cast(value)
+        break
+      except ValueError:
+        pass
+    overrides[key] = value
+  return preset, overrides
+
+
+def model_config(spec: str, dtype: str, attention_impl: Optional[str] = None,
+                 attention_decode_impl: Optional[str] = None) -> ModelConfig:
+  """The config of a model spec ('preset+field=value+...', see `parse_model`) with `dtype` for
+  parameters and compute and, when given, the attention implementations; the spec's own
+  overrides win."""
+  preset, overrides = parse_model(spec)
+  base = {"dtype": dtype, "param_dtype": dtype}
+  if attention_impl:
+    base["attention_impl"] = attention_impl
+  if attention_decode_impl:
+    base["attention_decode_impl"] = attention_decode_impl
+  return get_config(preset, **{**base, **overrides})
 
 
 def median_ms(call: Callable[[], object], sync: Callable[[object], object], *,
@@ -66,9 +101,12 @@ def copy_bandwidth() -> float:
   """Device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
   x = jax.random.normal(jax.random.key(0), (256 * 2**20,), jnp.float32)  # 1 GiB
   copy = jax.jit(lambda x: x * 1.0001)
-  # Enough warm-up for the clocks to ramp and several copies per sync, so neither idle
-  # clocks nor the host's launch latency lowers the ceiling the benchmarks divide by.
-  timing = median_ms(lambda: copy(x), jax.block_until_ready, warmup=50, inner=10)
+  # On a GPU enough warm-up for the clocks to ramp and several copies per sync, so neither
+  # idle clocks nor the host's launch latency lowers the ceiling the benchmarks divide by. A
+  # CPU needs neither, and a copy there takes most of a second.
+  gpu = jax.default_backend() == "gpu"
+  timing = median_ms(lambda: copy(x), jax.block_until_ready, warmup=50 if gpu else 1,
+                     repeats=20 if gpu else 3, inner=10 if gpu else 1)
   return 2 * x.nbytes / (timing["min_ms"] / 1e3)
 
 

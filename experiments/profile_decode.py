@@ -5,7 +5,8 @@
 Runs `--steps` cached single-token model calls in a jitted `fori_loop` (zero cache, positions
 set as after a 1024-token prompt; BASED's per-step cost does not depend on the cache values),
 prints the median time per step and the kernels that took the most time per step, read from a
-`jax.profiler` Perfetto trace. Model names take '+field=value' overrides as in bench_decode.
+`jax.profiler` Perfetto trace. Model names take '+field=value' overrides
+(`benchmarking.parse_model`).
 """
 
 import functools
@@ -18,8 +19,7 @@ from absl import app, flags
 
 from based_jax.cache import as_carry, init_cache
 from based_jax.model import LanguageModel, init_params
-from experiments.bench_decode import model_config
-from experiments.benchmarking import profile_kernels
+from experiments.benchmarking import model_config, profile_kernels
 
 _MODEL = flags.DEFINE_string("model", "based_1b", "Preset, optionally with '+field=value'.")
 _BATCHES = flags.DEFINE_list("batches", ["1", "2"], "Batch sizes to profile.")

@@ -2,8 +2,8 @@
 corrupt newest checkpoint, a crash before results.json and a second run on the same workdir.
 Every resumed run ends bit-identical to an uninterrupted one, and no earlier file is lost.
 
-The subprocess cases use the harness of `experiments/fault_injection.py` (whose 20-trial run
-is the committed benchmark); the others call the training loop in this process.
+The subprocess cases use `experiments/fault_harness.py`, the harness of the committed 20-trial
+benchmark `experiments/fault_injection.py`; the others call the training loop in this process.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from based_jax.training.optimizer import OptimizerConfig
 from based_jax.training.run_config import RunConfig
 from based_jax.training.trainer import RESULTS_FILE, train
 from based_jax.training.workdir import LOCK_NAME, WorkdirBusy, WorkdirLock
-from experiments import fault_injection as fi
+from experiments import fault_harness as fi
 
 RUN = RunConfig(train_mix="tiny_train", test_mix="tiny_test", batch_size=16, eval_every=5,
                 log_every=5, checkpoint_every=3, keep_checkpoints=10,

@@ -4,15 +4,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from implementation_spies import spy_implementations
 
 from based_jax import config as config_lib
 from based_jax.cache import init_layer_cache
 from based_jax.config import get_config
+from based_jax.mixers import attention
 from based_jax.model import make_mixer
 
 KINDS = [config_lib.LINEAR_ATTENTION, config_lib.SLIDING_WINDOW, config_lib.ATTENTION,
          config_lib.BASE_CONV]
 CONFIG = get_config("based_tiny", init_std=0.2)  # window 8, chunk-crossing at T > 9
+
+
+@pytest.fixture(autouse=True)
+def float32_products():
+  """Full float32 matrix products: XLA's GPU default is TF32 (10-bit mantissa), which would
+  blur the paths compared here far beyond float32 rounding (a no-op on the CPU). These
+  tests run no kernel (F = 8 takes the XLA path everywhere)."""
+  with jax.default_matmul_precision("float32"):
+    yield
 
 
 def setup(kind, t, b=2, seed=0):
@@ -110,25 +121,29 @@ def test_sliding_window_sees_exactly_window_previous_tokens():
 @pytest.mark.parametrize("kind", [config_lib.SLIDING_WINDOW, config_lib.ATTENTION])
 def test_attention_paths_agree_with_padded_cache_and_query_blocks(kind, monkeypatch):
   # Head dim padded in the cache (as for cuDNN decoding) and the general cached path split in
-  # query blocks (a tiny score budget) change nothing.
-  from based_jax.mixers import attention
+  # query blocks (a tiny score budget) change nothing; every path runs what the resolver says.
   monkeypatch.setattr(attention, "cache_head_dim", lambda config: 24)  # head dim 16 -> 24
   monkeypatch.setattr(attention, "_SCORE_BUDGET", 504)  # blocks of 3 queries: 7 = 3 + 3 + 1
   t = 21
   mixer, params, x = setup(kind, t)
   positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
   whole, _ = mixer.apply(params, x, positions, None, None)
-  attention.reset_implementations_used()
-  chunked, cache = run_in_pieces(kind, mixer, params, x, piece=7)
+  calls = spy_implementations(monkeypatch)
+  chunked, cache = run_in_pieces(kind, mixer, params, x, piece=7)  # prefill, chunked_prefill
   assert cache.k.shape[-1] == 24 and not np.any(np.asarray(cache.k[..., 16:]))
-  per_token, _ = run_in_pieces(kind, mixer, params, x, piece=1)
+  assert calls == [("attention", attention.resolve_implementation(CONFIG, "prefill")),
+                   *[("attention", attention.resolve_implementation(CONFIG, "chunked_prefill"))]
+                   * 2]
+  assert calls == [("attention", "xla")] * 3
+  calls.clear()
+  per_token, _ = run_in_pieces(kind, mixer, params, x, piece=1)  # prefill, then t - 1 decodes
+  assert calls == [("attention", "xla")]  # no cuDNN kernel: the decodes ran the XLA einsum
+  assert attention.resolve_implementation(CONFIG, "decode") == "xla"
   assert rel(chunked, whole) < 1e-5
   assert rel(per_token, whole) < 1e-5
-  assert attention.implementations_used() == ["chunked:xla", "decode:xla", "prefill:xla"]
 
 
 def test_first_call_on_a_new_cache_attends_within_itself_and_returns_a_plain_cache():
-  from based_jax.mixers import attention
   mixer, params, x = setup(config_lib.ATTENTION, 6)
   cache = init_layer_cache(CONFIG, config_lib.ATTENTION, 2, max_len=10)
   assert isinstance(cache, attention.EmptyAttentionCache)
@@ -139,22 +154,10 @@ def test_first_call_on_a_new_cache_attends_within_itself_and_returns_a_plain_cac
 
 @pytest.mark.parametrize("kind", [config_lib.SLIDING_WINDOW, config_lib.ATTENTION])
 def test_cudnn_decode_path_hands_cudnn_the_right_keys(kind, monkeypatch):
-  # cuDNN is absent on CPU: stand in for its kernel with plain math that honours the same
-  # contract (BNTH layout, keys beyond kv_seqlen ignored), and check the decode path built on
-  # it (per-row key lengths, also once the sliding window's ring buffer has wrapped).
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-  from based_jax.mixers import attention
-
-  def fake(q, k, v, q_seqlen, kv_seqlen, *, scale, mask_type, qkv_layout):
-    assert qkv_layout == "BNTH" and mask_type == cudnn.MaskType.PADDING
-    assert q.shape[2] == 1 and np.all(np.asarray(q_seqlen) == 1)
-    logits = jnp.einsum("bhtk,bhsk->bhts", q, k) * scale
-    keep = jnp.arange(k.shape[2])[None, :] < kv_seqlen[:, None]
-    weights = jax.nn.softmax(jnp.where(keep[:, None, None], logits, -jnp.inf), axis=-1)
-    return jnp.einsum("bhts,bhsk->bhtk", weights, v)
-
-  monkeypatch.setattr(cudnn, "dot_product_attention", fake)
+  # cuDNN is absent on CPU: its kernel's stand-in (implementation_spies) is plain math with the
+  # same contract (BNTH layout, keys beyond kv_seqlen ignored); check the decode path built on
+  # it (per-row key lengths, also once the sliding window's ring buffer has wrapped) and that
+  # each decode step calls it, as the resolver says.
   config = CONFIG.replace(attention_decode_impl="cudnn")
   t, b = 2 * (CONFIG.window + 1) + 5, 2
   mixer = make_mixer(config, kind, "mixer")
@@ -163,9 +166,12 @@ def test_cudnn_decode_path_hands_cudnn_the_right_keys(kind, monkeypatch):
   params = mixer.init(jax.random.key(1), x, positions, None, None)
   whole, _ = mixer.apply(params, x, positions, None, None)
   cache, outs = init_layer_cache(config, kind, b, max_len=t), []
-  attention.reset_implementations_used()
-  for i in range(t):
+  calls = spy_implementations(monkeypatch)
+  for i in range(t):  # the first call meets an empty cache: a prefill
     y, cache = mixer.apply(params, x[:, i:i + 1], positions[:, i:i + 1], None, cache)
     outs.append(y)
-  assert attention.implementations_used() == ["decode:cudnn", "prefill:xla"]
+  assert calls == [("attention", attention.resolve_implementation(config, "prefill")),
+                   *[("attention", attention.resolve_implementation(config, "decode"))]
+                   * (t - 1)]
+  assert calls[1:] == [("attention", "cudnn")] * (t - 1)
   assert rel(jnp.concatenate(outs, axis=1), whole) < 1e-5

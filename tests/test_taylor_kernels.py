@@ -268,7 +268,7 @@ def test_kernel_limits_give_clear_errors_or_fall_back():
   with pytest.raises(ValueError, match="feature dim F=8"):
     causal_taylor_attention(q, q, v, impl="pallas_interpret")
   q16 = jnp.zeros((1, 8, 1, 16))
-  with pytest.raises(ValueError, match="D <= 128"):
+  with pytest.raises(ValueError, match="K <= 128"):
     causal_taylor_attention(q16, q16, jnp.zeros((1, 8, 1, 256)), impl="pallas_interpret")
   with pytest.raises(ValueError, match="one dtype"):
     causal_taylor_attention(q16, q16.astype(jnp.bfloat16), v, impl="pallas_interpret")

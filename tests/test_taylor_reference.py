@@ -154,6 +154,8 @@ def test_bfloat16_inputs_keep_a_float32_normaliser():
     (dict(v=jnp.zeros((2, 4, 1, 3))), "v must match"),
     (dict(q=jnp.zeros((2, 3, 1, 4), jnp.int32)), "floating"),
     (dict(lengths=jnp.zeros((3,), jnp.int32)), "lengths"),
+    (dict(lengths=jnp.array([4, 1])), r"lengths must lie in \[0, T=3\], got min 1 max 4"),
+    (dict(lengths=jnp.array([-1, 1])), "lengths must lie in"),
     (dict(state=TaylorState(jnp.zeros((2, 1, 5, 3)), jnp.zeros((2, 1, 5)))), "state shapes"),
     (dict(impl="nope"), "impl"),
 ])

@@ -26,11 +26,12 @@ Within-call attention is `jax.nn.dot_product_attention` with causal masking, a l
 per-row `query_seq_lengths` / `key_value_seq_lengths` for right-padded prompts: on a CUDA GPU
 with bfloat16 that is cuDNN flash attention (nothing quadratic is materialised), elsewhere
 JAX's XLA implementation. `config.attention_impl` and `config.attention_decode_impl` choose
-("auto", "xla", "cudnn"); `implementations_used()` lists what was actually traced.
+("auto", "xla", "cudnn"); `resolve_implementation` says what each path runs.
 Cache writes are scatters into the existing buffers (in place under donation / loop carries):
 the cache is never concatenated or copied whole.
 """
 
+import warnings
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
@@ -44,7 +45,7 @@ _MASKED = -1e30
 # Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
 # the size of a prefill chunk's MLP activations; beyond it queries go in blocks (a lax.map).
 _SCORE_BUDGET = 2**28
-_USED: set = set()
+PATHS = ("prefill", "decode", "chunked_prefill")
 
 
 class AttentionCache(NamedTuple):
@@ -77,16 +78,6 @@ def plain_cache(cache: AttentionCache) -> AttentionCache:
   return AttentionCache(*cache)
 
 
-def implementations_used() -> list[str]:
-  """'<path>:<implementation>' for every attention path traced since the last reset, e.g.
-  'prefill:cudnn', 'decode:xla', 'chunked:xla' (benchmarks record this)."""
-  return sorted(_USED)
-
-
-def reset_implementations_used() -> None:
-  _USED.clear()
-
-
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
@@ -100,14 +91,23 @@ def _on_cuda() -> bool:
 
 
 def resolve_implementation(config: ModelConfig, path: str) -> str:
-  """The implementation `config` asks for on this backend. path: 'prefill' (attention within
-  a call: training, prefill) or 'decode' (one token against the cache).
+  """The implementation ("xla" or "cudnn") that `config` runs on this backend for `path`, one
+  of PATHS: 'prefill' (attention within a call: training, the first prefill chunk), 'decode'
+  (one token against the cache) or 'chunked_prefill' (several tokens against a non-empty
+  cache: always the masked XLA path).
 
   'auto' means cuDNN flash attention for the within-call path on a CUDA GPU in bfloat16 with a
   (padded) head dim <= 128, else XLA; for decoding 'auto' is the XLA einsum over the cache
   (memory-bound: one read of every preallocated K and V slot, valid or not, and no head-dim
   padding), while 'cudnn' decoding reads only each row's valid slots but pads the head dim.
+  This answer does not ask cuDNN: if cuDNN rejects a within-call attention under 'auto' (its
+  version or the GPU lacks a feature), that call runs XLA and warns, so a 'cudnn' answer holds
+  unless that warning was given. An explicit 'cudnn' that cuDNN rejects raises instead.
   """
+  if path not in PATHS:
+    raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+  if path == "chunked_prefill":
+    return "xla"
   requested = config.attention_impl if path == "prefill" else config.attention_decode_impl
   if requested != "auto":
     return requested
@@ -136,12 +136,12 @@ def _within_call(q, k, v, lengths, window, scale, impl, auto: bool):
     try:
       out = jax.nn.dot_product_attention(_pad_head(q, size), _pad_head(k, size),
                                          _pad_head(v, size), implementation="cudnn", **kwargs)
-      _USED.add("prefill:cudnn")
       return out[..., :q.shape[-1]]
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError) as e:
       if not auto:
         raise
-  _USED.add("prefill:xla")
+      warnings.warn(f"attention: cuDNN rejected this call, which runs XLA instead of the "
+                    f"'cudnn' that resolve_implementation reports: {e}")
   return jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs)
 
 
@@ -193,9 +193,7 @@ def _decode_attention(q, cache: AttentionCache, q_pos, window, scale, impl):
     out = cudnn.dot_product_attention(
         q.swapaxes(1, 2), cache.k, cache.v, q_seqlen=jnp.ones((b,), jnp.int32),
         kv_seqlen=kv_len, scale=scale, mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH")
-    _USED.add("decode:cudnn")
     return out.swapaxes(1, 2)[..., :kd]
-  _USED.add("decode:xla")
   logits = jnp.einsum("bhk,bhsk->bhs", q[:, 0], cache.k, preferred_element_type=jnp.float32)
   qp, kp = q_pos[:, :1], cache.pos
   allowed = (kp >= 0) & (kp <= qp)
@@ -253,13 +251,11 @@ class Attention(nn.Module):
       out = _decode_attention(q, new_cache, positions, self.window, scale,
                               resolve_implementation(cfg, "decode"))
     elif self.window is None:
-      _USED.add("chunked:xla")
       new_cache = _write(cache, k, v, key_pos)  # S = max_len: writing clobbers nothing
       out = _masked_attention(q, new_cache.k, new_cache.v, positions, new_cache.pos, None, scale)
     else:
       # A ring buffer: this call's writes could evict keys its own earlier queries need, so
       # attend over the old ring plus the call's tokens (both small), then write.
-      _USED.add("chunked:xla")
       size = cache.k.shape[-1]
       keys = jnp.concatenate([cache.k, _pad_head(k, size).swapaxes(1, 2)], axis=2)
       values = jnp.concatenate([cache.v, _pad_head(v, size).swapaxes(1, 2)], axis=2)

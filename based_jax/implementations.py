@@ -1,0 +1,54 @@
+"""Which implementation each path of a model's mixers takes, for benchmarks to record.
+
+The answer comes from the resolvers the mixers dispatch on (`resolve` of
+`pallas_kernels.taylor_attention.api` for linear attention, `resolve_implementation` of
+`based_jax.mixers.attention` for softmax attention), so it is what runs: a function of the
+config and of the backend of this process, not of the batch or the sequence length.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from based_jax import config as config_lib
+from based_jax.config import ModelConfig
+from based_jax.mixers import attention
+from based_jax.mixers.linear_attention import init_linear_attention_cache
+from pallas_kernels.taylor_attention import api as taylor_api
+
+LINEAR_ATTENTION_PATHS = ("chunked", "decode")
+
+
+def linear_attention_implementation(config: ModelConfig, path: str) -> str:
+  """What `causal_taylor_attention` runs in the model's linear-attention layers for `path`:
+  'chunked' (several tokens into the cache: a prefill chunk) or 'decode' (one token)."""
+  if path not in LINEAR_ATTENTION_PATHS:
+    raise ValueError(f"path must be one of {LINEAR_ATTENTION_PATHS}, got {path!r}")
+  state = jax.eval_shape(lambda: init_linear_attention_cache(config, 1))
+  return taylor_api.resolve(
+      config.linear_attention_impl, feature_dim=config.la_feature_dim,
+      value_dim=config.d_model // config.la_heads,
+      dtypes=(jnp.dtype(config.dtype),) * 3,  # q, k, v: the projections' compute dtype
+      state_dtypes=(state.kv.dtype, state.k.dtype), decoding=path == "decode",
+      backend=jax.default_backend())
+
+
+def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
+  """The implementation of every path of the config's mixers on this process's backend, e.g.
+  {"linear_attention": {"chunked": "pallas", "decode": "xla"},
+   "attention": {"prefill": "cudnn", "decode": "xla", "chunked_prefill": "xla"}}.
+
+  Only the mixer kinds the config has appear; "attention" covers sliding-window and full
+  attention, which share their settings. Paths: linear attention 'chunked' (a prefill chunk)
+  and 'decode'; softmax attention 'prefill' (within the call: training, the first prefill
+  chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache). A 'cudnn'
+  prefill holds unless the call warned that cuDNN rejected it (see `resolve_implementation`).
+  """
+  kinds = set(config.layer_kinds)
+  out = {}
+  if config_lib.LINEAR_ATTENTION in kinds:
+    out["linear_attention"] = {path: linear_attention_implementation(config, path)
+                               for path in LINEAR_ATTENTION_PATHS}
+  if kinds & {config_lib.SLIDING_WINDOW, config_lib.ATTENTION}:
+    out["attention"] = {path: attention.resolve_implementation(config, path)
+                        for path in attention.PATHS}
+  return out
