@@ -82,9 +82,11 @@ class LanguageModel(nn.Module):
     if logits_at is not None:
       check_index_array("logits_at", logits_at, (b, None), 0, t - 1, "positions within the call")
     added = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    total, capacity = None, None  # tokens per row after this call; full-attention slots
     if cache is not None:
       check_cache(cfg, cache, b)
-      check_capacity("tokens", cache.length + added, attention_capacity(cfg, cache))
+      total, capacity = cache.length + added, attention_capacity(cfg, cache)
+      check_capacity("tokens", total, capacity)
     start = jnp.zeros((b,), jnp.int32) if cache is None else cache.length
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
 
@@ -101,14 +103,15 @@ class LanguageModel(nn.Module):
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     logits = matrix_dot_general(x, embed.embedding.astype(x.dtype).T, (((2,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)
-    logits = jnp.where(_invalid_rows(cfg, tokens, cache, lengths, logits_at, added)[:, None, None],
-                       jnp.nan, logits)
+    bad = _invalid_rows(cfg, tokens, lengths, logits_at, total, capacity)
+    logits = jnp.where(bad[:, None, None], jnp.nan, logits)
     if cache is None:
       return logits, None
-    return logits, ModelCache(tuple(new_layers), cache.length + added)
+    return logits, ModelCache(tuple(new_layers), total)
 
 
-def _invalid_rows(config: ModelConfig, tokens, cache, lengths, logits_at, added) -> jnp.ndarray:
+def _invalid_rows(config: ModelConfig, tokens, lengths, logits_at, total,
+                  capacity) -> jnp.ndarray:
   """[B] bool: rows whose inputs break the contract in ways only known under `jax.jit` (values
   outside the checks' ranges, a full-attention cache overflowing). Their logits become NaN,
   the flag that replaces the ValueError a concrete call raises."""
@@ -118,9 +121,8 @@ def _invalid_rows(config: ModelConfig, tokens, cache, lengths, logits_at, added)
     bad |= (lengths < 0) | (lengths > t)
   if logits_at is not None:
     bad |= jnp.any((logits_at < 0) | (logits_at >= t), axis=1)
-  capacity = None if cache is None else attention_capacity(config, cache)
   if capacity is not None:
-    bad |= cache.length + added > capacity
+    bad |= total > capacity
   return bad
 
 

@@ -10,6 +10,7 @@ writing `results.json`; SIGTERM and SIGINT (a preempted job, Ctrl-C) stop the ru
 step boundary with a checkpoint, and a second signal acts as usual.
 """
 
+import functools
 import json
 import os
 import signal
@@ -126,8 +127,8 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
     progress = {}
   train_step = step_lib.make_train_step(model, optimizer, mesh, shardings)
   eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
-  evaluate_now = lambda params: evaluate(eval_step, params, test_slices, test_sets,  # noqa: E731
-                                         run.batch_size, mesh)
+  evaluate_now = functools.partial(evaluate, eval_step, test_slices=test_slices,
+                                   test_sets=test_sets, batch_size=run.batch_size, mesh=mesh)
 
   state_bytes = state_size_bytes(model_config, max(s.seq_len for s in test_slices)).total
   print(f"model {run.model}: d_model {model_config.d_model}, state {state_bytes:,} bytes; "
