@@ -20,7 +20,7 @@ from based_jax.data import mqar
 from based_jax.model import LanguageModel
 from based_jax.training import sharding, step as step_lib
 from based_jax.training.checkpointing import load_run_config
-from based_jax.training.trainer import evaluate
+from based_jax.training.tasks import evaluate_mqar
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest readable one.")
@@ -53,7 +53,7 @@ def main(argv):
   params = jax.device_put(params, sharding.tree_shardings(mesh, params))
   eval_step = step_lib.make_eval_step(LanguageModel(config), mesh,
                                       sharding.tree_shardings(mesh, params))
-  results = evaluate(eval_step, params, slices, test_sets, batch_size, mesh)
+  results = evaluate_mqar(eval_step, params, slices, test_sets, batch_size, mesh)
   print(f"{_WORKDIR.value} on {test_mix}:")
   for key, value in results.items():
     print(f"  {key[5:]:>10s}  accuracy {value:.4f}")

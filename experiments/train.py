@@ -1,14 +1,17 @@
-"""Trains a model on MQAR (multi-query associative recall) and reports per-slice accuracy.
+"""Trains a model: on MQAR (synthetic recall, per-slice accuracy) or on text (perplexity).
 
   python -m experiments.train                       # small BASED, dense MQAR mix, ~2.5 min on 2 cores
+  python -m experiments.train --run=text_small      # small BASED on the embedded Bible, CPU minutes
+  python -m experiments.train --run=text_small --data=my_corpus/ --workdir=runs/mine
+  python -m experiments.train --run=lm_based_360m --data='pile/*.jsonl.gz'   # the paper's recipe
   python -m experiments.train --model=mqar_sliding_window --model_set=window=64
-  python -m experiments.train --run=mqar_paper --learning_rate=3.2e-3 --workdir=runs/paper
 
 Rerunning the same command resumes from the newest readable checkpoint in --workdir (a run
 that reached its --target_accuracy or its --total_steps is complete and trains nothing more).
 SIGTERM or Ctrl-C saves a checkpoint at the next step and exits; one run per workdir at a time.
-Every run field has a flag (--batch_size, --learning_rate, ...) that overrides the --run preset;
-model fields are changed with --model_set field=value (repeatable). The trained model:
+Every run field has a flag (--batch_size, --learning_rate, --seq_len, ...) that overrides the
+--run preset; model fields are changed with --model_set field=value (repeatable). Multi-host:
+--distributed on every process. The trained model:
 `config, params = based_jax.load_checkpoint(workdir)`.
 """
 
@@ -25,8 +28,9 @@ from based_jax.config import ModelConfig, get_config, preset_names
 from based_jax.data import mqar
 from based_jax.training import run_config
 from based_jax.training.optimizer import OptimizerConfig
-from based_jax.training.run_config import (RUN_PRESETS, RunConfig, define_flags, get_run_config,
-                                           overrides_from_flags, parse_assignments)
+from based_jax.training.run_config import (RUN_PRESETS, TASKS, RunConfig, TextConfig,
+                                           define_flags, get_run_config, overrides_from_flags,
+                                           parse_assignments)
 from based_jax.training.trainer import RESULTS_FILE, train
 
 _RUN = flags.DEFINE_enum("run", "mqar_small", sorted(RUN_PRESETS), "Run preset.")
@@ -35,10 +39,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 _STEPS_THIS_RUN = flags.DEFINE_integer(
     "steps_this_run", None, "Stop after this many steps (checkpointed); rerun to continue.")
 _MODEL_SET = flags.DEFINE_multi_string(
-    "model_set", [], "Model field override field=value (repeatable; tuples as 1,2,3), field "
-    f"one of: {', '.join(f.name for f in dataclasses.fields(ModelConfig))}.")
+    "model_set", [], "Model field override field=value (repeatable; tuples as 1,2,3), after "
+    "the --run preset's own; field one of: "
+    f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: call jax.distributed.initialize() first, from "
+    "--coordinator_address / --num_processes / --process_id, or where those are unset from "
+    "the cluster's environment (SLURM, Open MPI, Kubernetes).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (with --distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (with --distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process (with --distributed).")
 define_flags(RunConfig, RUN_PRESETS, choices={
-    "model": preset_names(), "train_mix": sorted(mqar.MIXES), "test_mix": sorted(mqar.MIXES)})
+    "model": preset_names(), "train_mix": sorted(mqar.MIXES), "test_mix": sorted(mqar.MIXES),
+    "task": TASKS})
+define_flags(TextConfig, {name: run.text for name, run in RUN_PRESETS.items()})
 define_flags(OptimizerConfig, {name: run.optimizer for name, run in RUN_PRESETS.items()})
 flags.adopt_module_key_flags(run_config)
 
@@ -46,14 +61,10 @@ flags.adopt_module_key_flags(run_config)
 def resolve_config() -> tuple[RunConfig, ModelConfig]:
   run = get_run_config(_RUN.value)
   optimizer = dataclasses.replace(run.optimizer, **overrides_from_flags(OptimizerConfig))
-  run = run.replace(optimizer=optimizer, **overrides_from_flags(RunConfig))
-  model = get_config(run.model, **parse_assignments(ModelConfig, _MODEL_SET.value))
-  if model.vocab_size < run.vocab_size:
-    raise ValueError(f"model vocab_size={model.vocab_size} is smaller than the MQAR "
-                     f"vocab_size={run.vocab_size}")
-  if run.batch_size % jax.device_count():
-    raise ValueError(f"batch_size={run.batch_size} must be divisible by the "
-                     f"{jax.device_count()} devices")
+  text = dataclasses.replace(run.text, **overrides_from_flags(TextConfig))
+  run = run.replace(optimizer=optimizer, text=text, **overrides_from_flags(RunConfig))
+  run = run.replace(model_set=run.model_set + tuple(_MODEL_SET.value))
+  model = get_config(run.model, **parse_assignments(ModelConfig, list(run.model_set)))
   return run, model
 
 
@@ -62,6 +73,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # keep Orbax's per-save INFO lines out of the bar
     logging.set_verbosity(logging.WARNING)
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   try:
     run, model_config = resolve_config()
   except ValueError as e:
@@ -76,11 +89,12 @@ def main(argv):
     print(f"\n{summary['interrupted']}: stopped at step {summary['step']} with a checkpoint; "
           "rerun the same command to continue", file=sys.stderr)
     sys.exit(128 + signal.Signals[summary["interrupted"]].value)
-  print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']} "
-        f"(state {summary['state_bytes']:,} bytes):")
+  if jax.process_index():
+    return
+  print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']}:")
   for key, value in summary.items():
-    if key.startswith("test/"):
-      print(f"  {key[5:]:>10s}  accuracy {value:.4f}")
+    if key.startswith(("test/", "val/")):
+      print(f"  {key:>16s}  {value:.4f}")
   print(f"results: {os.path.join(workdir, RESULTS_FILE)}")
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Train state, the next-token loss at labelled positions, and the jitted train / eval steps.
 
 Batches are dicts {"inputs": int32 [B, T], "labels": int32 [B, T]} with IGNORE where no
-prediction is scored (`based_jax.data.batch`). Only labelled positions are sent through the LM head (`logits_at`), so a
-batch with Q labels per row costs Q x V head products per row instead of T x V.
+prediction is scored (`based_jax.data.batch`). MQAR batches label a few positions (Q per row),
+and only those go through the LM head (`logits_at`): Q x V head products per row instead of
+T x V. Language-modelling batches label every position and use the whole head.
 """
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +34,32 @@ def labelled_positions(labels: jnp.ndarray, max_labels: int) -> tuple[jnp.ndarra
   return order.astype(jnp.int32), jnp.take_along_axis(labels, order, axis=1)
 
 
-def loss_and_counts(model: LanguageModel, params, batch, max_labels: int):
-  """Mean cross entropy over labelled positions, and (loss sum, correct, count)."""
-  positions, targets = labelled_positions(batch["labels"], max_labels)
-  logits, _ = model.apply(params, batch["inputs"], logits_at=positions)
+def loss_sums(model: LanguageModel, params, batch, max_labels: Optional[int]):
+  """Cross-entropy summed over labelled positions, with (correct, count) of the argmax.
+
+  `max_labels` bounds the labelled positions per row (MQAR: only those go through the LM
+  head); None scores every position that has a label (language modelling).
+  """
+  if max_labels is None:
+    targets = batch["labels"]
+    logits, _ = model.apply(params, batch["inputs"])
+  else:
+    positions, targets = labelled_positions(batch["labels"], max_labels)
+    logits, _ = model.apply(params, batch["inputs"], logits_at=positions)
   valid = targets != IGNORE
   safe = jnp.where(valid, targets, 0)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-  count = jnp.sum(valid)
   loss_sum = jnp.sum(jnp.where(valid, losses, 0.0))
   correct = jnp.sum(valid & (jnp.argmax(logits, -1) == safe))
-  return loss_sum / jnp.maximum(count, 1), (loss_sum, correct, count)
+  return loss_sum, (correct, jnp.sum(valid))
 
 
 def init_state(model: LanguageModel, optimizer: optax.GradientTransformation, seed: int,
-               example_inputs: jnp.ndarray) -> TrainState:
+               example_inputs: jnp.ndarray, params=None) -> TrainState:
+  """Step 0: `params` (fine-tuning) or a fresh init, and the optimizer state for them."""
   rng, init_rng = jax.random.split(jax.random.key(seed))
-  params = model.init(init_rng, example_inputs)
+  if params is None:
+    params = model.init(init_rng, example_inputs)
   return TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key_data(rng))
 
 
@@ -62,19 +72,35 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
 
 
 def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, shardings: TrainState):
+                    mesh: Mesh, shardings: TrainState, grad_accum_steps: int = 1):
   """A jitted (state, batch, max_labels) -> (state, metrics), the state donated.
 
-  `max_labels` (static) bounds the labelled positions per row of the batch.
+  The batch [B, T] is the global batch of one optimizer step; with `grad_accum_steps` A it is
+  run as A micro-batches of B / A rows (row r in micro-batch r mod A, so each device splits
+  its own rows) whose gradient sums are accumulated, then divided by the total label count:
+  the same update as one batch of B. `max_labels` (static): see `loss_sums`.
   """
+  grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
 
-  def train_step(state: TrainState, batch, max_labels: int):
-    grad_fn = jax.value_and_grad(loss_and_counts, argnums=1, has_aux=True)
-    (loss, (_, correct, count)), grads = grad_fn(model, state.params, batch, max_labels)
+  def train_step(state: TrainState, batch, max_labels: Optional[int]):
+    micro = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+        .swapaxes(0, 1), batch)
+
+    def accumulate(carry, micro_batch):
+      grads, (loss_sum, correct, count) = carry
+      (loss, (c, n)), g = grad_fn(model, state.params, micro_batch, max_labels)
+      return (jax.tree.map(jnp.add, grads, g), (loss_sum + loss, correct + c, count + n)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, (loss_sum, correct, count)), _ = jax.lax.scan(
+        accumulate, (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0))), micro)
+    denominator = jnp.maximum(count, 1)
+    grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-    metrics = {"loss": loss, "accuracy": correct / jnp.maximum(count, 1),
+    metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
                "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
@@ -85,11 +111,12 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
 
 
 def make_eval_step(model: LanguageModel, mesh: Mesh, param_shardings):
-  """A jitted (params, batch, max_labels) -> (correct, count) over labelled positions."""
+  """A jitted (params, batch, max_labels) -> (loss sum, correct, count) over labelled
+  positions (`loss_sums`)."""
 
-  def eval_step(params, batch, max_labels: int):
-    _, (_, correct, count) = loss_and_counts(model, params, batch, max_labels)
-    return correct, count
+  def eval_step(params, batch, max_labels: Optional[int]):
+    loss_sum, (correct, count) = loss_sums(model, params, batch, max_labels)
+    return loss_sum, correct, count
 
   return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh), static_argnums=2)
