@@ -21,6 +21,7 @@ from based_jax.cache import ModelCache, cache_bytes, init_cache
 from based_jax.config import ModelConfig, PRESETS, get_config
 from based_jax.generate import GenerateOutput, decode, generate, prefill
 from based_jax.model import LanguageModel, count_params, init_params
+from based_jax.pretrained import export_pretrained, from_pretrained
 from based_jax.sampling import SamplingConfig, sample_tokens
 from based_jax.state_size import StateSize, state_size_bytes
 from based_jax.training.checkpointing import load_checkpoint

@@ -11,6 +11,12 @@ Each checkpoint (a directory `<workdir>/checkpoints/<step>`) holds five items:
 
 Checkpoints written before the `model` and `progress` items existed still resume and load.
 
+A model-only checkpoint (`save_model_only`: pretrained weights converted by
+experiments/convert_checkpoint.py) is a directory with `params/` (one Orbax PyTree, no
+optimizer state or step) and `model_only.json` (the ModelConfig and where the weights came
+from), written last so that its presence means the directory is complete. `load_checkpoint`
+reads it like a workdir; it is not a run, so there is nothing to resume.
+
 Orbax writes a step into a temporary directory and renames it when complete, so a run killed
 mid-save leaves the earlier checkpoints intact. A checkpoint that cannot be read is reported
 by step and path and moved aside to `<step>.unreadable` (never deleted); the newest readable
@@ -31,6 +37,9 @@ from based_jax.training.step import TrainState
 from based_jax.training.workdir import check_writable
 
 UNREADABLE_SUFFIX = ".unreadable"
+MODEL_ONLY_FILE = "model_only.json"  # a model-only checkpoint's config, written last
+MODEL_ONLY_PARAMS = "params"  # its parameters (an Orbax PyTree)
+MODEL_ONLY_FORMAT = "based_jax.model_only.v1"
 
 
 class Restored(NamedTuple):
@@ -80,13 +89,15 @@ class Checkpointer:
         self._set_aside(step, e)
     return None
 
-  def check_compatible(self, run_json: dict) -> None:
-    """Refuses to resume from checkpoints written with a different run config."""
+  def check_compatible(self, run_json: dict, defaults: dict) -> None:
+    """Refuses to resume from checkpoints written with a different run config. A key the
+    checkpoint lacks (a field added since) counts as its value in `defaults` if it has one."""
     saved = self._newest_readable(lambda step: self._manager.restore(
         step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
     if saved is None:
       return
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(run_json))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     # Keys only the checkpoint has (fields since dropped from the comparison) do not matter.
     diffs = sorted(k for k in current if saved.get(k) != current[k])
     if diffs:
@@ -136,20 +147,78 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConf
   """The model config and parameters of a training run, from its workdir.
 
   Args:
-    workdir: the run's --workdir (or its `checkpoints/` directory).
-    step: which checkpoint; None for the newest readable one.
+    workdir: the run's --workdir (or its `checkpoints/` directory), or a model-only
+      checkpoint's directory (`save_model_only`).
+    step: which checkpoint; None for the newest readable one (a model-only checkpoint has
+      one, and takes None).
 
   Returns:
     (config, params): the run's exact `ModelConfig` and its parameters (a pytree of arrays on
     the default device), ready for `LanguageModel(config).apply` or `generate`. Only the
     parameters are read, not the optimizer state.
   """
+  if is_model_only(workdir):
+    if step is not None:
+      raise ValueError(f"{workdir!r} is a model-only checkpoint (one set of weights, no "
+                       f"steps); load it with step=None, not step={step}")
+    return _load_model_only(workdir)
   return _read_checkpoint(workdir, step, _load_step)
+
+
+def is_model_only(directory: str) -> bool:
+  """Whether `directory` holds a complete model-only checkpoint."""
+  return os.path.isfile(os.path.join(directory, MODEL_ONLY_FILE))
+
+
+def save_model_only(directory: str, config: ModelConfig, params: Any, source: str) -> None:
+  """Writes `params` (`{"params": ...}`) and `config` as a model-only checkpoint that
+  `load_checkpoint(directory)` reads; `source` says where the weights came from. The
+  directory must not exist or be empty."""
+  directory = os.path.abspath(directory)
+  if os.path.isdir(directory) and os.listdir(directory):
+    raise ValueError(f"{directory} is not empty; choose a new directory (nothing was written)")
+  os.makedirs(directory, exist_ok=True)
+  check_writable(directory)
+  ocp.PyTreeCheckpointer().save(os.path.join(directory, MODEL_ONLY_PARAMS), params)
+  record = {"format": MODEL_ONLY_FORMAT, "source": source,
+            "model": dataclasses.asdict(config)}
+  tmp = os.path.join(directory, MODEL_ONLY_FILE + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, os.path.join(directory, MODEL_ONLY_FILE))
+
+
+def _load_model_only(directory: str) -> tuple[ModelConfig, Any]:
+  path = os.path.join(directory, MODEL_ONLY_FILE)
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    if record.get("format") != MODEL_ONLY_FORMAT:
+      raise ValueError(f"format {record.get('format')!r}, expected {MODEL_ONLY_FORMAT!r}")
+    config = ModelConfig(**record["model"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"model-only checkpoint {path} cannot be read: {_first_line(e)}") from e
+  checkpointer = ocp.PyTreeCheckpointer()
+  params_dir = os.path.join(os.path.abspath(directory), MODEL_ONLY_PARAMS)
+  try:
+    tree = checkpointer.metadata(params_dir).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                          tree)
+    params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  except Exception as e:  # noqa: BLE001 - any unreadable parameter store is reported
+    raise ValueError(f"model-only checkpoint {params_dir} cannot be read: "
+                     f"{_first_line(e)}") from e
+  return config, params
 
 
 def load_run_config(workdir: str, step: Optional[int] = None) -> dict:
   """The run config a checkpoint was written with (`RunConfig.to_json`: data, batch, seed and
   optimizer fields, the model's as `model.<field>`); step None: the newest readable one."""
+  if is_model_only(workdir):
+    raise ValueError(f"{workdir!r} is a model-only checkpoint (converted weights): it has no "
+                     "run config")
   return _read_checkpoint(workdir, step, lambda manager, s: manager.restore(
       s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
 
