@@ -108,10 +108,15 @@ def _prefill_rows(config: ModelConfig, params, prompts: jnp.ndarray,
 
 def decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, rng: jax.Array,
            max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-           eos_id: Optional[int] = None) -> tuple[GenerateOutput, ModelCache]:
+           eos_id: Optional[int] = None,
+           stop_mask: Optional[jnp.ndarray] = None) -> tuple[GenerateOutput, ModelCache]:
   """Samples up to N = `max_new_tokens` tokens per row in a `lax.while_loop` on device (stops
   early once every row has emitted `eos_id`), starting from the logits [B, V] of the last
   prompt token and the cache after it (donated).
+
+  `stop_mask` ([V] bool, optional) marks more stop tokens: a row also stops after emitting any
+  id it marks (say every token whose text holds a newline). A row stopped this way keeps the
+  stop token and is then filled like one after `eos_id`.
 
   Arguments are checked (ValueError) before the jitted work, including that a full-attention
   cache has room for N more tokens; `decode.lower(...)` compiles ahead of time.
@@ -125,14 +130,19 @@ def decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, 
                  attention_capacity(config, cache))
   if eos_id is not None and not 0 <= eos_id < config.vocab_size:
     raise ValueError(f"eos_id must lie in [0, vocab_size={config.vocab_size}), got {eos_id}")
-  return _decode(config, params, logits, cache, rng, max_new_tokens, sampling, eos_id)
+  if stop_mask is not None and (stop_mask.shape != (config.vocab_size,)
+                                or stop_mask.dtype != jnp.bool_):
+    raise ValueError(f"stop_mask must be a bool array [vocab_size={config.vocab_size}], got "
+                     f"shape {tuple(stop_mask.shape)} dtype {stop_mask.dtype}")
+  return _decode(config, params, logits, cache, rng, max_new_tokens, sampling, eos_id, stop_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id"),
                    donate_argnames=("cache",))
 def _decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache, rng: jax.Array,
             max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
-            eos_id: Optional[int] = None) -> tuple[GenerateOutput, ModelCache]:
+            eos_id: Optional[int] = None,
+            stop_mask: Optional[jnp.ndarray] = None) -> tuple[GenerateOutput, ModelCache]:
   """`decode` after its checks."""
   model = LanguageModel(config)
   b = logits.shape[0]
@@ -151,6 +161,8 @@ def _decode(config: ModelConfig, params, logits: jnp.ndarray, cache: ModelCache,
     lengths = lengths + (~done).astype(jnp.int32)
     if eos_id is not None:
       done = done | (token == eos_id)
+    if stop_mask is not None:
+      done = done | stop_mask[token]
     logits, cache = model.apply(params, token[:, None], cache=cache)
     return step + 1, out, lengths, logits[:, 0], cache, rng, done
 
