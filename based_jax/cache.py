@@ -5,16 +5,14 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from based_jax import config as config_lib
 from based_jax.checks import check_positive_int
 from based_jax.config import ModelConfig
-from based_jax.mixers.attention import EmptyAttentionCache, init_attention_cache, plain_cache
-from based_jax.mixers.base_conv import init_conv_cache
-from based_jax.mixers.linear_attention import init_linear_attention_cache
+from based_jax.mixers import registry
+from based_jax.mixers.attention import EmptyAttentionCache, plain_cache
 
 
 class ModelCache(NamedTuple):
-  layers: tuple[Any, ...]  # per layer: TaylorState, AttentionCache or ConvCache.
+  layers: tuple[Any, ...]  # per layer: its kind's cache (TaylorState, AttentionCache, ...).
   length: jnp.ndarray  # [B] int32 tokens consumed so far (the next token's position).
 
 
@@ -22,7 +20,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
   """An empty cache for `batch` sequences of up to `max_len` tokens.
 
   Only full-attention layers grow with `max_len`; sliding windows keep window + 1 slots,
-  linear attention a fixed float32 state and BaseConv its last taps - 1 inputs.
+  linear attention a fixed float32 state, BaseConv its last taps - 1 inputs, and the other
+  kinds what `based_jax.mixers.registry` says (docs/mixers.md).
   `dtype` overrides the config's compute dtype for attention and conv caches.
   Attention layers start as `EmptyAttentionCache` (the first call attends within itself, with
   flash attention where available); loop carries need `as_carry(cache)`.
@@ -37,13 +36,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
 
 def init_layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int) -> Any:
   """The empty cache of one layer of `kind`."""
-  if kind == config_lib.LINEAR_ATTENTION:
-    return init_linear_attention_cache(config, batch)
-  if kind == config_lib.SLIDING_WINDOW:
-    return init_attention_cache(config, batch, config.window + 1)
-  if kind == config_lib.ATTENTION:
-    return init_attention_cache(config, batch, max_len)
-  return init_conv_cache(config, batch)
+  return registry.spec(kind).init_cache(config, batch, max_len)
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
@@ -61,10 +54,11 @@ def as_carry(cache: ModelCache) -> ModelCache:
 
 
 def attention_capacity(config: ModelConfig, cache: ModelCache) -> Optional[int]:
-  """Tokens a full-attention layer's cache can hold per row (its max_len), or None if the
-  model has no full attention (its other caches never fill up)."""
-  slots = [layer.pos.shape[1] for kind, layer in zip(config.layer_kinds, cache.layers)
-           if kind == config_lib.ATTENTION]
+  """Tokens per row the model's caches can hold: the least `capacity` of its layers' kinds
+  (full attention: its max_len), or None if no cache fills up."""
+  slots = [registry.spec(kind).capacity(layer)
+           for kind, layer in zip(config.layer_kinds, cache.layers)
+           if registry.spec(kind).capacity is not None]
   return min(slots) if slots else None
 
 

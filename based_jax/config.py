@@ -1,11 +1,14 @@
 """Model configuration: a frozen, validated dataclass and the named presets.
 
-Layer kinds are chosen per layer index: the indices listed in `linear_attention_layers`,
-`sliding_window_layers` and `attention_layers` get that mixer; every other layer is a
-BaseConv gated short convolution.
+Layer kinds (`MixerKind`) are chosen per layer index in one of two ways: `layer_mixers` names
+every layer's kind, or (the released BASED and Transformer++ presets) the indices listed in
+`linear_attention_layers`, `sliding_window_layers` and `attention_layers` get that mixer and
+every other layer is a BaseConv gated short convolution. What each kind builds, caches and
+counts is `based_jax.mixers.registry`.
 """
 
 import dataclasses
+import enum
 import math
 import numbers
 import typing
@@ -13,13 +16,32 @@ from typing import Iterable
 
 from pallas_kernels.taylor_attention import IMPLEMENTATIONS as LINEAR_ATTENTION_IMPLS
 
-LINEAR_ATTENTION = "linear_attention"
-SLIDING_WINDOW = "sliding_window"
-ATTENTION = "attention"
-BASE_CONV = "base_conv"
+
+class MixerKind(enum.StrEnum):
+  """The sequence mixers a layer can have (each a `based_jax.mixers.registry` entry)."""
+  LINEAR_ATTENTION = "linear_attention"  # linear attention (Taylor or another feature map)
+  SLIDING_WINDOW = "sliding_window"  # softmax attention over the last `window` tokens
+  ATTENTION = "attention"  # full causal softmax attention
+  BASE_CONV = "base_conv"  # BaseConv gated short convolution
+  MAMBA = "mamba"  # Mamba selective SSM
+  H3 = "h3"  # H3: shift SSM on keys, diagonal SSM on key-value products
+  HYENA = "hyena"  # Hyena order-2 operator with an implicit FFT long convolution
+  RWKV = "rwkv"  # RWKV-5 time mixing (matrix state with per-channel decay)
+  GLA = "gla"  # gated linear attention (data-dependent decay on the key dim)
+
+
+LINEAR_ATTENTION = MixerKind.LINEAR_ATTENTION
+SLIDING_WINDOW = MixerKind.SLIDING_WINDOW
+ATTENTION = MixerKind.ATTENTION
+BASE_CONV = MixerKind.BASE_CONV
+# Linear attention feature maps (`based_jax.mixers.feature_maps`); only "taylor" has kernels.
+FEATURE_MAPS = ("taylor", "pos_elu", "relu", "identity", "square", "cosformer", "performer",
+                "all_poly")
+H3_HEAD_DIM = 2  # channels per H3 head: its diagonal SSM runs on 2 x 2 key-value products.
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "block")
 
 
 def _check_field_types(config) -> None:
@@ -66,15 +88,24 @@ class ModelConfig:
   linear_attention_layers: tuple[int, ...] = ()  # 0-based indices of Taylor linear attention.
   sliding_window_layers: tuple[int, ...] = ()  # 0-based indices of sliding-window attention.
   attention_layers: tuple[int, ...] = ()  # 0-based indices of full causal softmax attention.
+  # The kind of every layer, comma-separated MixerKind values ("base_conv,mamba"); instead of
+  # the three index fields above (give one or the other). Empty: those fields decide.
+  layer_mixers: str = ""
   la_heads: int = 16  # linear-attention heads; value head dim is d_model / la_heads.
   la_feature_dim: int = 16  # d', query/key width per head before the Taylor feature map.
+  # Linear attention's feature map (FEATURE_MAPS): "taylor" (BASED) or an ablation, which runs
+  # the pure-JAX path (linear_attention_impl "auto" or "xla").
+  la_feature_map: str = "taylor"
   la_eps: float = 1e-6  # added to the linear-attention normaliser.
   # Storage dtype of the decoding state's numerator (kv sums): "bfloat16" halves the bytes a
   # decode step moves; math stays float32 and the normaliser float32 (pallas_kernels state.py).
   la_state_dtype: str = "float32"
   attn_heads: int = 16  # heads of sliding-window and full attention (head dim d_model / heads).
   window: int = 128  # sliding window lookback: each query sees itself and `window` earlier tokens.
-  conv_kernel: int = 3  # taps of the BaseConv causal depthwise convolution.
+  conv_kernel: int = 3  # taps of the BaseConv causal depthwise convolution (and Hyena's short one).
+  ssm_state: int = 16  # N: state per channel of Mamba's selective SSM and of H3's SSMs.
+  # Longest lag a position-dependent mixer sees: Hyena's long-filter length, CosFormer's M.
+  horizon: int = 1024
   rope_base: float = 10000.0  # rotary embedding base (rotate-half layout, full head dim).
   norm_eps: float = 1e-5  # RMSNorm epsilon.
   init_std: float = 0.02  # std of linear and embedding weights; output projections get less.
@@ -89,11 +120,15 @@ class ModelConfig:
   # One decoded token against the cache: "auto" (= "xla": an einsum over the cache), "xla" or
   # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8).
   attention_decode_impl: str = "auto"
+  # Rematerialisation in training: "none" keeps every activation for the backward pass,
+  # "block" recomputes each residual block's insides from its input (less memory, ~1/3 more
+  # compute). The function and the parameters are the same.
+  remat: str = "none"
 
   def __post_init__(self):
     _check_field_types(self)
     for name in ("vocab_size", "d_model", "n_layers", "la_heads", "attn_heads", "conv_kernel",
-                 "la_feature_dim", "window"):
+                 "la_feature_dim", "window", "ssm_state", "horizon"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.mlp_inner < 0:
@@ -107,9 +142,16 @@ class ModelConfig:
                           ("la_state_dtype", DTYPES),
                           ("linear_attention_impl", LINEAR_ATTENTION_IMPLS),
                           ("attention_impl", ATTENTION_IMPLS),
-                          ("attention_decode_impl", ATTENTION_IMPLS)):
+                          ("attention_decode_impl", ATTENTION_IMPLS),
+                          ("remat", REMAT_POLICIES),
+                          ("la_feature_map", FEATURE_MAPS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.la_feature_map != "taylor" and self.linear_attention_impl not in ("auto", "xla"):
+      raise ValueError(f"linear_attention_impl={self.linear_attention_impl!r} runs the Taylor "
+                       f"kernels only; la_feature_map={self.la_feature_map!r} runs the pure-JAX "
+                       "path: use linear_attention_impl 'auto' or 'xla'")
+    self._check_layer_mixers()
     seen: dict[int, str] = {}
     for field in ("linear_attention_layers", "sliding_window_layers", "attention_layers"):
       for i in getattr(self, field):
@@ -119,8 +161,15 @@ class ModelConfig:
           raise ValueError(f"{field} has index {i}, already listed in {seen[i]}")
         seen[i] = field
     kinds = set(self.layer_kinds)
-    if LINEAR_ATTENTION in kinds and self.d_model % self.la_heads:
+    if kinds & {LINEAR_ATTENTION, MixerKind.RWKV, MixerKind.GLA} and self.d_model % self.la_heads:
       raise ValueError(f"la_heads={self.la_heads} must divide d_model={self.d_model}")
+    if MixerKind.GLA in kinds and (self.d_model % 2 or (self.d_model // 2) % self.la_heads):
+      raise ValueError(f"GLA's key width d_model/2 must be a whole multiple of la_heads="
+                       f"{self.la_heads}, got d_model={self.d_model}")
+    if MixerKind.H3 in kinds and (self.d_model % H3_HEAD_DIM or self.ssm_state % 2):
+      raise ValueError(f"H3 needs d_model divisible by its head dim {H3_HEAD_DIM} and an even "
+                       f"ssm_state (complex modes in pairs), got d_model={self.d_model}, "
+                       f"ssm_state={self.ssm_state}")
     if kinds & {SLIDING_WINDOW, ATTENTION}:
       if self.d_model % self.attn_heads:
         raise ValueError(f"attn_heads={self.attn_heads} must divide d_model={self.d_model}")
@@ -128,9 +177,26 @@ class ModelConfig:
         raise ValueError(f"attention head dim d_model/attn_heads="
                          f"{self.d_model // self.attn_heads} must be even for rotary embeddings")
 
+  def _check_layer_mixers(self) -> None:
+    """`layer_mixers` names n_layers known kinds, and is not given with the index fields."""
+    if not self.layer_mixers:
+      return
+    names = [name.strip() for name in self.layer_mixers.split(",")]
+    unknown = [name for name in names if name not in {kind.value for kind in MixerKind}]
+    if unknown:
+      raise ValueError(f"layer_mixers names unknown kinds {unknown}; known: "
+                       f"{[kind.value for kind in MixerKind]}")
+    if len(names) != self.n_layers:
+      raise ValueError(f"layer_mixers names {len(names)} kinds for n_layers={self.n_layers}")
+    for field in ("linear_attention_layers", "sliding_window_layers", "attention_layers"):
+      if getattr(self, field):
+        raise ValueError(f"layer_mixers and {field} both give layer kinds: give one of them")
+
   @property
-  def layer_kinds(self) -> tuple[str, ...]:
+  def layer_kinds(self) -> tuple[MixerKind, ...]:
     """The mixer kind of every layer, in order."""
+    if self.layer_mixers:
+      return tuple(MixerKind(name.strip()) for name in self.layer_mixers.split(","))
     kind = {i: LINEAR_ATTENTION for i in self.linear_attention_layers}
     kind.update({i: SLIDING_WINDOW for i in self.sliding_window_layers})
     kind.update({i: ATTENTION for i in self.attention_layers})
@@ -155,6 +221,15 @@ PRESETS: dict[str, ModelConfig] = {
         linear_attention_layers=(1, 6, 11, 16, 21, 27, 33),
         sliding_window_layers=(2, 7, 12, 17, 22, 28, 34),
         la_heads=16, attn_heads=16, window=128),
+    # GPT-2-small-sized pair (d 768, 12 layers) for single-GPU comparisons on text: the 360M
+    # layout scaled down (linear attention every 5th layer from 1, sliding window after it).
+    "based_125m": ModelConfig(
+        vocab_size=GPT2_PADDED_VOCAB, d_model=768, n_layers=12, mlp_inner=1792,
+        linear_attention_layers=(1, 6, 11), sliding_window_layers=(2, 7),
+        la_heads=12, attn_heads=12, window=128),
+    "transformer_pp_125m": ModelConfig(
+        vocab_size=GPT2_PADDED_VOCAB, d_model=768, n_layers=12, mlp_inner=2048,
+        attention_layers=tuple(range(12)), attn_heads=12),
     # The paper's Transformer++ baselines: rotary, SwiGLU (inner 8/3 d rounded), RMSNorm.
     "transformer_pp_360m": ModelConfig(
         vocab_size=GPT2_PADDED_VOCAB, d_model=1024, n_layers=24, mlp_inner=2816,
@@ -185,6 +260,32 @@ PRESETS: dict[str, ModelConfig] = {
     "mqar_attention": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
         attention_layers=(1,), attn_heads=1),
+    # The paper's MQAR baselines (docs/mixers.md): two layers of Mamba, H3 (N = d/4) or Hyena
+    # as its configs stack them; RWKV-5 (heads of 64) twice; GLA after a BaseConv, as BASED.
+    "mqar_mamba": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0, layer_mixers="mamba,mamba",
+        ssm_state=16),
+    "mqar_h3": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0, layer_mixers="h3,h3",
+        ssm_state=32),
+    "mqar_hyena": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0, layer_mixers="hyena,hyena",
+        horizon=1024),
+    "mqar_rwkv": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0, layer_mixers="rwkv,rwkv",
+        la_heads=2),
+    "mqar_gla": ModelConfig(
+        vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0, layer_mixers="base_conv,gla",
+        la_heads=4),
+    # Small GPT-2-vocabulary language models that train on text on a CPU in minutes: BASED
+    # (BaseConv, linear attention, sliding window, BaseConv) and its Transformer++ twin.
+    "based_text_cpu": ModelConfig(
+        vocab_size=GPT2_PADDED_VOCAB, d_model=128, n_layers=4, mlp_inner=256,
+        linear_attention_layers=(1,), sliding_window_layers=(2,),
+        la_heads=4, attn_heads=4, window=64),
+    "transformer_pp_text_cpu": ModelConfig(
+        vocab_size=GPT2_PADDED_VOCAB, d_model=128, n_layers=4, mlp_inner=352,
+        attention_layers=(0, 1, 2, 3), attn_heads=4),
 }
 
 

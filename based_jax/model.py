@@ -12,23 +12,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from based_jax import config as config_lib
 from based_jax.cache import ModelCache, attention_capacity, check_cache
 from based_jax.checks import check_capacity, check_index_array, check_token_ids
 from based_jax.config import ModelConfig
 from based_jax.layers import RMSNorm, SwiGLU, matrix_dot_general, weight_init
-from based_jax.mixers import Attention, BaseConv, TaylorLinearAttention
+from based_jax.mixers import registry
 
 
 def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
-  """The mixer module for a layer kind."""
-  if kind == config_lib.LINEAR_ATTENTION:
-    return TaylorLinearAttention(config, name=name)
-  if kind == config_lib.SLIDING_WINDOW:
-    return Attention(config, window=config.window, name=name)
-  if kind == config_lib.ATTENTION:
-    return Attention(config, window=None, name=name)
-  return BaseConv(config, name=name)
+  """The mixer module for a layer kind (`based_jax.mixers.registry`)."""
+  return registry.spec(kind).module(config, name)
 
 
 class Block(nn.Module):
@@ -94,8 +87,9 @@ class LanguageModel(nn.Module):
                      param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
     x = embed(tokens).astype(jnp.float32)
     new_layers = []
+    block = nn.remat(Block) if cfg.remat == "block" else Block  # same params either way
     for i, kind in enumerate(cfg.layer_kinds):
-      x, layer_cache = Block(cfg, kind, name=f"layers_{i}")(
+      x, layer_cache = block(cfg, kind, name=f"layers_{i}")(
           x, positions, lengths, None if cache is None else cache.layers[i])
       new_layers.append(layer_cache)
     x = RMSNorm(cfg, name="final_norm")(x)

@@ -1,18 +1,18 @@
 """Recurrent state size, counted as the BASED paper's recall / state-size plots count it.
 
-Per layer, in float32 values (x4 bytes), at sequence length T:
-  full attention 2 D T; sliding window 2 D W; Taylor linear attention H K E + H E with E the
-  feature width (1 + F + F(F+1)/2 with the symmetric quadratic terms merged, as the paper's
-  plots count it and as our decoding state stores it; 1 + F + F^2 for the full outer product);
-  short convolution D * taps.
+Per layer, in float32 values (x4 bytes), at sequence length T, by each kind's `state_values`
+in `based_jax.mixers.registry`: e.g. full attention 2 D T; sliding window 2 D W; linear
+attention H K E + H E with E the feature width (Taylor: 1 + F + F(F+1)/2 with the symmetric
+quadratic terms merged, as the paper's plots count it and as our decoding state stores it;
+1 + F + F^2 for the full outer product); short convolution D * taps; Mamba 2 D N; H3 D N;
+Hyena D T (docs/mixers.md lists every kind).
 `cache.cache_bytes` gives the bytes our decoding cache really holds instead.
 """
 
 import dataclasses
 
-from based_jax import config as config_lib
 from based_jax.config import ModelConfig
-from pallas_kernels.taylor_attention import feature_width
+from based_jax.mixers import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +23,7 @@ class StateSize:
 
 def layer_state_values(config: ModelConfig, kind: str, seq_len: int, symmetric: bool) -> int:
   """Number of state values of one layer of `kind`."""
-  d = config.d_model
-  if kind == config_lib.ATTENTION:
-    return 2 * d * seq_len
-  if kind == config_lib.SLIDING_WINDOW:
-    return 2 * d * config.window
-  if kind == config_lib.LINEAR_ATTENTION:
-    e = feature_width(config.la_feature_dim, packed=symmetric)
-    return config.la_heads * (d // config.la_heads) * e + config.la_heads * e
-  return d * config.conv_kernel
+  return registry.spec(kind).state_values(config, seq_len, symmetric)
 
 
 def state_size_bytes(config: ModelConfig, seq_len: int, *, symmetric_features: bool = True,
@@ -40,6 +32,6 @@ def state_size_bytes(config: ModelConfig, seq_len: int, *, symmetric_features: b
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   per_layer = tuple(
-      (kind, bytes_per_value * layer_state_values(config, kind, seq_len, symmetric_features))
+      (str(kind), bytes_per_value * layer_state_values(config, kind, seq_len, symmetric_features))
       for kind in config.layer_kinds)
   return StateSize(per_layer, sum(b for _, b in per_layer))

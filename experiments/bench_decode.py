@@ -36,6 +36,7 @@ from based_jax import config as config_lib
 from based_jax.config import ModelConfig
 from based_jax.generate import decode, prefill
 from based_jax.implementations import implementations
+from based_jax.mixers import registry
 from based_jax.model import init_params
 from experiments import child_process
 from experiments.benchmarking import copy_bandwidth, model_config, parse_model, run_metadata
@@ -96,10 +97,13 @@ DEFAULT_PREFILL_CHUNK = 256
 
 def auto_prefill_chunk(config: ModelConfig, prompt_len: int, requested: int = 0) -> int:
   """Prompt tokens per prefill call: `requested` if set, else the whole prompt for a model with
-  full attention (one flash-attention call) and DEFAULT_PREFILL_CHUNK for the others."""
+  a cache that holds every token (full attention: one flash-attention call) and
+  DEFAULT_PREFILL_CHUNK for the others."""
   if requested:
     return requested
-  return prompt_len if config_lib.ATTENTION in config.layer_kinds else DEFAULT_PREFILL_CHUNK
+  holds_every_token = any(registry.spec(kind).capacity is not None
+                          for kind in config.layer_kinds)
+  return prompt_len if holds_every_token else DEFAULT_PREFILL_CHUNK
 
 
 def smaller_prefill(chunk: int, row_block: Optional[int], batch: int,

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 
 from based_jax import config as config_lib
-from based_jax.cache import as_carry, cache_bytes, init_cache
+from based_jax.cache import as_carry, init_cache
 from based_jax.config import ModelConfig
+from based_jax.mixers import registry
 from based_jax.model import LanguageModel, count_params, init_params
 from experiments.benchmarking import model_config
 from pallas_kernels.taylor_attention import feature_width
@@ -33,7 +34,6 @@ def bytes_breakdown(config: ModelConfig, batch: int, prompt_len: int, new_tokens
   itemsize = jnp.dtype(config.dtype).itemsize
   kv_slot = 2 * config.d_model * itemsize * batch  # K and V of one position, all heads
   read = written = dense = 0
-  empty = dict(linear_attention_layers=(), sliding_window_layers=(), attention_layers=())
   for kind in config.layer_kinds:
     if kind == config_lib.ATTENTION:
       avg = prompt_len + (new_tokens + 1) / 2
@@ -44,9 +44,8 @@ def bytes_breakdown(config: ModelConfig, batch: int, prompt_len: int, new_tokens
       read += min(config.window + 1, prompt_len + 1) * kv_slot
       written += kv_slot
     else:
-      layer = {config_lib.LINEAR_ATTENTION: dict(linear_attention_layers=(0,))}.get(kind, {})
-      one = config.replace(n_layers=1, **{**empty, **layer})
-      state = cache_bytes(one, batch, 1) - 4 * batch  # less the [B] length counter
+      layer = jax.eval_shape(lambda kind=kind: registry.spec(kind).init_cache(config, batch, 1))
+      state = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layer))
       read += state
       written += state
   out = {"weights": param_bytes, "state_read": read, "state_written": written,

@@ -84,7 +84,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("args, message", [
     (["--run=nope"], "mqar_paper"),
-    (["--model=nope"], "--model=nope: value should be one of <based_1b|"),
+    (["--model=nope"], "--model=nope: value should be one of <"),
     (["--learning_rate=-1"], "learning_rate must be > 0"),
     (["--model_set=window=0", "--model=mqar_sliding_window"], "window must be >= 1"),
     (["--model_set=colour=3"], "bad override"),

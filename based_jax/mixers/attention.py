@@ -73,6 +73,28 @@ def init_attention_cache(config: ModelConfig, batch: int, slots: int) -> EmptyAt
                              jnp.full((batch, slots), -1, jnp.int32))
 
 
+def state_values_full(config: ModelConfig, seq_len: int, symmetric: bool = True) -> int:
+  """2 D T: every key and value of a T-token sequence."""
+  del symmetric
+  return 2 * config.d_model * seq_len
+
+
+def state_values_window(config: ModelConfig, seq_len: int, symmetric: bool = True) -> int:
+  """2 D W: the keys and values of the window (the ring holds W + 1 slots)."""
+  del seq_len, symmetric
+  return 2 * config.d_model * config.window
+
+
+def mixing_flops_full(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of q k^T and the weighted sum of v: 4 D (T + 1) / 2 on average."""
+  return 4 * config.d_model * (seq_len + 1) / 2
+
+
+def mixing_flops_window(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token over at most W + 1 keys."""
+  return 4 * config.d_model * min(config.window + 1, (seq_len + 1) / 2)
+
+
 def plain_cache(cache: AttentionCache) -> AttentionCache:
   """The same arrays as a plain `AttentionCache` (drops the trace-time 'empty' marker)."""
   return AttentionCache(*cache)

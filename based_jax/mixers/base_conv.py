@@ -8,11 +8,11 @@ The conv weight `kernel[i, c]` multiplies input t - (taps - 1) + i, as PyTorch's
 from typing import NamedTuple, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
 from based_jax.layers import dense, weight_init
+from based_jax.mixers.short_conv import causal_conv
 
 
 class ConvCache(NamedTuple):
@@ -20,9 +20,22 @@ class ConvCache(NamedTuple):
   x: jnp.ndarray  # [B, taps - 1, 2D] in the compute dtype.
 
 
-def init_conv_cache(config: ModelConfig, batch: int) -> ConvCache:
+def init_conv_cache(config: ModelConfig, batch: int, max_len: int = 0) -> ConvCache:
+  del max_len
   return ConvCache(jnp.zeros((batch, config.conv_kernel - 1, 2 * config.d_model),
                              jnp.dtype(config.dtype)))
+
+
+def state_values(config: ModelConfig, seq_len: int, symmetric: bool = True) -> int:
+  """D * taps, as the paper counts a short convolution (the cache holds 2D (taps - 1))."""
+  del seq_len, symmetric
+  return config.d_model * config.conv_kernel
+
+
+def mixing_flops(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of the depthwise conv over 2D channels."""
+  del seq_len
+  return 2 * config.conv_kernel * 2 * config.d_model
 
 
 class BaseConv(nn.Module):
@@ -35,19 +48,11 @@ class BaseConv(nn.Module):
     """x: [B, T, D]; lengths: [B] valid tokens (padding never enters the cache)."""
     del positions
     cfg = self.config
-    b, t, d = x.shape
+    d = x.shape[-1]
     taps = cfg.conv_kernel
     u1, u2 = jnp.split(dense(cfg, 4 * d, use_bias=True, name="in_proj")(x), 2, axis=-1)
     kernel = self.param("conv_kernel", weight_init(cfg), (taps, 2 * d),
-                        jnp.dtype(cfg.param_dtype)).astype(u1.dtype)
-    history = (cache.x if cache is not None
-               else jnp.zeros((b, taps - 1, 2 * d), u1.dtype)).astype(u1.dtype)
-    full = jnp.concatenate([history, u1], axis=1)  # [B, taps - 1 + T, 2D]
-    conv = sum(full[:, i:i + t] * kernel[i] for i in range(taps))
+                        jnp.dtype(cfg.param_dtype))
+    conv, history = causal_conv(u1, kernel, None if cache is None else cache.x, lengths)
     y = dense(cfg, d, use_bias=True, output=True, name="out_proj")(nn.silu(conv) * u2)
-    if cache is None:
-      return y, None
-    ends = jnp.full((b,), t) if lengths is None else lengths
-    # The taps - 1 inputs just before each sequence's end: full[length : length + taps - 1].
-    new_x = jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, taps - 1, 0))(full, ends)
-    return y, ConvCache(new_x)
+    return y, (None if cache is None else ConvCache(history))

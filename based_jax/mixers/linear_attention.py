@@ -1,9 +1,15 @@
-"""Taylor linear attention mixer: BASED's global mixer, as the paper defines it.
+"""Linear attention mixer: BASED's global mixer with its Taylor feature map, or an ablation map.
 
 q, k: D -> H * F (no bias); v: D -> D split into H heads of K = D / H; out: D -> D (no bias).
-The attention itself (feature map, causal sums, normaliser, state) lives in
-`pallas_kernels.taylor_attention`, whose `causal_taylor_attention` picks a Pallas kernel or
-the chunked XLA fallback. Its cache is the `TaylorState` (sums of phi(k) v^T and phi(k)).
+    y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
+With the Taylor map (`config.la_feature_map == "taylor"`) the attention itself (feature map,
+causal sums, normaliser, state) lives in `pallas_kernels.taylor_attention`, whose
+`causal_taylor_attention` picks a Pallas kernel or the chunked XLA fallback. Any other map
+(`feature_maps.py`) runs the pure-JAX recurrence of `linear_recurrence.py` on phi(q), phi(k)
+and [v, 1] (the last column is the normaliser): for training up to 512 tokens its quadratic
+form (as the Taylor XLA path), else chunks carrying the state, and one step when decoding.
+Either way the cache is a `TaylorState`: the sums of phi(k) v^T [B, H, E, K] (in
+config.la_state_dtype) and of phi(k) [B, H, E] (float32).
 """
 
 from typing import Optional
@@ -13,31 +19,67 @@ import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
 from based_jax.layers import dense
-from pallas_kernels.taylor_attention import TaylorState, causal_taylor_attention, zero_state
+from based_jax.mixers import linear_recurrence
+from based_jax.mixers.feature_maps import FeatureMap, feature_width
+from pallas_kernels.taylor_attention import TaylorState, causal_taylor_attention
 
 
-def init_linear_attention_cache(config: ModelConfig, batch: int) -> TaylorState:
+def init_linear_attention_cache(config: ModelConfig, batch: int,
+                                max_len: int = 0) -> TaylorState:
   """Zero state: [B, H, E, K] in config.la_state_dtype and [B, H, E] float32."""
-  return zero_state(batch, config.la_heads, config.la_feature_dim,
-                    config.d_model // config.la_heads, kv_dtype=config.la_state_dtype)
+  del max_len  # a fixed-size state
+  h, k = config.la_heads, config.d_model // config.la_heads
+  e = feature_width(config.la_feature_map, config.la_feature_dim)
+  return TaylorState(kv=jnp.zeros((batch, h, e, k), config.la_state_dtype),
+                     k=jnp.zeros((batch, h, e), jnp.float32))
+
+
+def state_values(config: ModelConfig, seq_len: int, symmetric: bool = True) -> int:
+  """H K E + H E: the kv and normaliser sums (Taylor's E packed when `symmetric`)."""
+  del seq_len
+  e = feature_width(config.la_feature_map, config.la_feature_dim, packed=symmetric)
+  return config.la_heads * (config.d_model // config.la_heads) * e + config.la_heads * e
+
+
+def mixing_flops(config: ModelConfig, seq_len: int) -> float:
+  """Forward FLOPs per token of the recurrence: update and read out the [E, K] sums, 4 E D."""
+  del seq_len
+  return 4 * feature_width(config.la_feature_map, config.la_feature_dim) * config.d_model
+
+
+def _feature_map_attention(phi_q, phi_k, v, state: Optional[TaylorState], lengths, eps):
+  """Causal linear attention on features phi [B, T, H, E] and v [B, T, H, K], float32 sums."""
+  ones = jnp.ones(v.shape[:-1] + (1,), jnp.float32)
+  start = None if state is None else jnp.concatenate(
+      [state.kv.astype(jnp.float32), state.k[..., None]], axis=-1)
+  values = jnp.concatenate([v.astype(jnp.float32), ones], axis=-1)
+  o, final = linear_recurrence.causal(phi_q, phi_k, values, state=start, lengths=lengths)
+  y = o[..., :-1] / (o[..., -1:] + eps)
+  new = None if state is None else TaylorState(kv=final[..., :-1].astype(state.kv.dtype),
+                                               k=final[..., -1])
+  return y.astype(v.dtype), new
 
 
 class TaylorLinearAttention(nn.Module):
-  """Causal linear attention with the second-order Taylor feature map."""
+  """Causal linear attention with the second-order Taylor feature map (or an ablation map)."""
   config: ModelConfig
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, lengths: Optional[jnp.ndarray],
                cache: Optional[TaylorState]) -> tuple[jnp.ndarray, Optional[TaylorState]]:
-    """x: [B, T, D]; positions: [B, T] (unused: no position encoding); lengths: [B] or None."""
-    del positions
+    """x: [B, T, D]; positions: [B, T] (only CosFormer's map reads them); lengths: [B] or None."""
     cfg = self.config
     b, t, d = x.shape
     h, f = cfg.la_heads, cfg.la_feature_dim
     q = dense(cfg, h * f, use_bias=False, name="proj_q")(x).reshape(b, t, h, f)
     k = dense(cfg, h * f, use_bias=False, name="proj_k")(x).reshape(b, t, h, f)
     v = dense(cfg, d, use_bias=False, name="proj_v")(x).reshape(b, t, h, d // h)
-    y, state = causal_taylor_attention(q, k, v, state=cache, lengths=lengths, eps=cfg.la_eps,
-                                       impl=cfg.linear_attention_impl)
+    if cfg.la_feature_map == "taylor":
+      y, state = causal_taylor_attention(q, k, v, state=cache, lengths=lengths, eps=cfg.la_eps,
+                                         impl=cfg.linear_attention_impl)
+    else:
+      phi = FeatureMap(cfg, name="feature_map")
+      y, state = _feature_map_attention(phi(q, positions), phi(k, positions), v, cache,
+                                        lengths, cfg.la_eps)
     y = dense(cfg, d, use_bias=False, output=True, name="out_proj")(y.reshape(b, t, d))
     return y, (state if cache is not None else None)

@@ -1,0 +1,257 @@
+"""The MQAR sweep's grids, its resumable loop and its Pareto plots (`mqar_sweep.py` is the
+script): accuracy against state size for every mixer (the BASED paper's Figure 2) and every
+linear-attention feature map (its Figure 3).
+
+A grid is its points (label, curve, model preset and field overrides) with the run preset and
+learning rates they train with. `sweep` trains every point at every learning rate and keeps the
+best, as the paper does; it rewrites <out>.json (state bytes, per-slice accuracy and best lr per
+point, every run's accuracy and seconds, the Pareto frontier, command, device and versions)
+and <out>.png (accuracy against log state bytes, frontier drawn) after every point, and a rerun
+of the same settings skips the points <out>.json holds.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Callable, Optional
+
+from based_jax.config import get_config
+from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
+from experiments.benchmarking import run_metadata
+
+PAPER_LRS = (1e-3, 3.2e-3, 1e-2, 3.2e-2)  # the paper's sweep, np.logspace(-3, -1.5, 4) rounded
+ABLATION_MAPS = {"pos_elu": "PosELU", "relu": "ReLU", "identity": "Identity",
+                 "square": "Square", "cosformer": "CosFormer", "performer": "Performer",
+                 "all_poly": "All-poly"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  label: str  # a point of the plot, e.g. "Mamba d=128 N=16".
+  family: str  # its curve, e.g. "Mamba".
+  preset: str  # model preset (based_jax.config.PRESETS).
+  fields: dict  # model field overrides.
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  points: tuple[Point, ...]  # what to train.
+  run: str  # run preset (based_jax.training.run_config.RUN_PRESETS).
+  lrs: tuple[float, ...]  # learning rates tried per point; the best is kept.
+  steps: Optional[int] = None  # total_steps override; None: the run preset's schedule.
+
+
+def _figure2(widths, mamba_widths, windows, based_widths, feature_dims, mamba_states=(8, 16, 24),
+             hyena_horizon=1024) -> list[Point]:
+  """Every mixer of the paper's Figure 2 (and RWKV, GLA), over widths and state sizes."""
+  points = [Point(f"attention d={d}", "attention", "mqar_attention", dict(d_model=d))
+            for d in based_widths[:2]]
+  points += [Point(f"BASED d={d} d'={f}", "BASED", "mqar_based",
+                   dict(d_model=d, la_feature_dim=f))
+             for d in based_widths for f in feature_dims]
+  points += [Point(f"sliding window w={w}", "sliding window", "mqar_sliding_window",
+                   dict(d_model=128, window=w)) for w in windows]
+  points += [Point(f"Mamba d={d} N={n}", "Mamba", "mqar_mamba", dict(d_model=d, ssm_state=n))
+             for d in mamba_widths for n in mamba_states]
+  points += [Point(f"H3 d={d}", "H3", "mqar_h3", dict(d_model=d, ssm_state=d // 4))
+             for d in widths]
+  points += [Point(f"Hyena d={d}", "Hyena", "mqar_hyena", dict(d_model=d, horizon=hyena_horizon))
+             for d in widths]
+  points += [Point(f"RWKV d={d}", "RWKV", "mqar_rwkv", dict(d_model=d, la_heads=max(1, d // 64)))
+             for d in widths]
+  points += [Point(f"GLA d={d}", "GLA", "mqar_gla", dict(d_model=d)) for d in widths]
+  return points
+
+
+def _figure3(widths, taylor_dims) -> list[Point]:
+  """BASED's linear attention with each feature map (the paper's Figure 3), over widths: the
+  Taylor map at d' 16 and 24, every other map on queries and keys of width d_model."""
+  points = [Point(f"Taylor d'={f} d={d}", f"Taylor d'={f}", "mqar_based",
+                  dict(d_model=d, la_feature_dim=f)) for f in taylor_dims for d in widths]
+  points += [Point(f"{title} d={d}", title, "mqar_based",
+                   dict(d_model=d, la_feature_dim=d, la_feature_map=name))
+             for name, title in ABLATION_MAPS.items() for d in widths]
+  return points
+
+
+GRIDS: dict[str, Grid] = {
+    # The paper's Figure 2 on its schedule (mqar_paper: 32 epochs, batch 256, four lrs).
+    "paper_figure2": Grid(tuple(_figure2(
+        widths=(64, 128, 256, 512), mamba_widths=(64, 128, 256),
+        windows=(8, 16, 32, 64, 128, 256, 512, 1024), based_widths=(64, 128, 256),
+        feature_dims=(8, 16, 24))), run="mqar_paper", lrs=PAPER_LRS),
+    # The paper's Figure 3: every feature map at d_model 64 .. 512.
+    "paper_figure3": Grid(tuple(_figure3(widths=tuple(range(64, 513, 64)), taylor_dims=(16, 24))),
+                          run="mqar_paper", lrs=PAPER_LRS),
+    # CPU-sized variants: one small width per mixer or map on the CPU default's mix and
+    # schedule (mqar_small: 128-token training sequences, test up to 256), two lrs.
+    "cpu_figure2": Grid(tuple(_figure2(
+        widths=(64,), mamba_widths=(64,), windows=(16, 64), based_widths=(64,),
+        feature_dims=(16,), mamba_states=(16,), hyena_horizon=256)), run="mqar_small",
+        lrs=(1e-3, 3.2e-3), steps=400),
+    "cpu_figure3": Grid(tuple(_figure3(widths=(64,), taylor_dims=(16, 24))), run="mqar_small",
+                        lrs=(1e-3, 3.2e-3), steps=400),
+    # The H100 reproduction of docs/results.md: BASED, sliding window, attention at d 128.
+    "paper_gpu": Grid((
+        Point("BASED d=64 d'=16", "BASED", "mqar_based", dict(d_model=64, la_feature_dim=16)),
+        Point("BASED d=128 d'=16", "BASED", "mqar_based", dict(d_model=128, la_feature_dim=16)),
+        Point("sliding window w=64", "sliding window", "mqar_sliding_window",
+              dict(d_model=128, window=64)),
+        Point("sliding window w=256", "sliding window", "mqar_sliding_window",
+              dict(d_model=128, window=256)),
+        Point("attention", "attention", "mqar_attention", dict(d_model=128)),
+    ), run="mqar_paper", lrs=(1e-3, 3.2e-3)),
+    # A smoke test of the sweep machinery (seconds on a CPU with --run_set for tiny mixes).
+    "tiny": Grid((
+        Point("BASED d=32 d'=4", "BASED", "mqar_based", dict(d_model=32, la_feature_dim=4)),
+        Point("sliding window w=8", "sliding window", "mqar_sliding_window",
+              dict(d_model=32, window=8)),
+    ), run="mqar_small", lrs=(1e-3,), steps=20),
+}
+
+
+def in_distribution(point: dict, max_len: int = 256) -> float:
+  """Mean accuracy over the test slices no longer than the training sequences."""
+  accs = [v for k, v in point["per_slice"].items()
+          if k != "mean" and int(k.split("x")[0]) <= max_len]
+  return sum(accs) / len(accs)
+
+
+def pareto_frontier(points: list[dict]) -> list[dict]:
+  """The points no other point beats: none with at most their state bytes has a higher
+  accuracy. In increasing state size (and accuracy)."""
+  frontier, best = [], -1.0
+  for p in sorted(points, key=lambda p: (p["state_bytes"], -p["accuracy"])):
+    if p["accuracy"] > best:
+      frontier.append(p)
+      best = p["accuracy"]
+  return frontier
+
+
+def family_of(point: dict) -> str:
+  """A point's curve (files written before points had one: their label's first word)."""
+  return point.get("family") or point["label"].split(" d=")[0].split(" w=")[0]
+
+
+def plot(points: list[dict], path: str, title: str = "") -> None:
+  """Accuracy against log state bytes, one curve per family, the Pareto frontier dashed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for family in sorted({family_of(p) for p in points}):
+    pts = sorted((p for p in points if family_of(p) == family), key=lambda p: p["state_bytes"])
+    ax.plot([p["state_bytes"] for p in pts], [p["accuracy"] for p in pts], "o-", ms=4,
+            label=family)
+  frontier = pareto_frontier(points)
+  xs = [p["state_bytes"] for p in frontier]
+  ax.step(xs + [max(p["state_bytes"] for p in points)], [p["accuracy"] for p in frontier]
+          + [frontier[-1]["accuracy"]], "k--", where="post", lw=1, alpha=0.7,
+          label="Pareto frontier")
+  ax.set_xscale("log")
+  ax.set_xlabel("recurrent state size (bytes)")
+  ax.set_ylabel("MQAR accuracy (mean over test slices)")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=6, ncol=2)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def write(out: str, points: list[dict], meta: dict, settings: Optional[dict] = None) -> None:
+  """<out>.json (atomically) and <out>.png."""
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  result = {"meta": meta, "settings": settings, "points": points,
+            "frontier": [p["label"] for p in pareto_frontier(points)] if points else []}
+  with open(out + ".json.tmp", "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(out + ".json.tmp", out + ".json")
+  if points:
+    plot(points, out + ".png", title=f"MQAR: {(settings or {}).get('grid', 'merged')}")
+
+
+def merge(paths: list[str], out: str) -> None:
+  parts = []
+  for path in paths:
+    with open(path) as f:
+      parts.append(json.load(f))
+  write(out, [p for part in parts for p in part["points"]],
+        {"merged_from": paths, "parts": [part["meta"] for part in parts], **run_metadata()})
+
+
+def previous_points(out: str, settings: dict) -> list[dict]:
+  """The finished points of an earlier run of these settings in <out>.json (none if absent).
+  Other settings there are a ValueError: their points would not be comparable."""
+  if not os.path.exists(out + ".json"):
+    return []
+  with open(out + ".json") as f:
+    previous = json.load(f)
+  if previous.get("settings") != settings:
+    raise ValueError(f"{out}.json holds a sweep of other settings ({previous.get('settings')}; "
+                     f"now {settings}): use another --out")
+  return previous["points"]
+
+
+def run_name(settings: dict, point: Point, lr: float) -> str:
+  """The workdir of one run: every setting that changes what it trains."""
+  fields = "_".join(f"{k}{v}" for k, v in point.fields.items())
+  steps = "" if settings["steps"] is None else f"_steps{settings['steps']}"
+  extra = "".join(f"_{a.replace('=', '')}" for a in settings["run_set"])
+  return f"{settings['run']}_{point.preset}_{fields}{steps}{extra}_lr{lr:g}"
+
+
+def _score(run: dict) -> float:
+  """A run's mean accuracy; a diverged run (NaN) loses to every other."""
+  return run["test/mean"] if math.isfinite(run["test/mean"]) else -math.inf
+
+
+def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Callable,
+          deadline_s: float = 0.0) -> bool:
+  """Trains every point not already in <out>.json at every lr; True when all are done.
+
+  `train(run, model_config, workdir) -> summary` (`based_jax.training.trainer.train`'s first
+  result); settings: {"grid", "run", "lrs", "steps", "run_set"}."""
+  base = get_run_config(settings["run"])
+  if settings["steps"] is not None:
+    base = base.replace(optimizer=dataclasses.replace(
+        base.optimizer, total_steps=settings["steps"],
+        warmup_steps=min(base.optimizer.warmup_steps, settings["steps"] // 10)))
+  base = base.replace(**parse_assignments(RunConfig, settings["run_set"]))
+  meta = {**run_metadata("optax", "numpy"), "run_config": dataclasses.asdict(base)}
+  done = previous_points(out, settings)
+  finished = {p["label"] for p in done}
+  start = time.monotonic()
+  for point in points:
+    if point.label in finished:
+      print(f"=== {point.label}: done in {out}.json")
+      continue
+    runs = []
+    for lr in settings["lrs"]:
+      if deadline_s and time.monotonic() - start > deadline_s:
+        print(f"deadline of {deadline_s:.0f} s reached: rerun the same command to continue")
+        return False
+      run = base.replace(model=point.preset, optimizer=dataclasses.replace(
+          base.optimizer, learning_rate=float(lr)))
+      print(f"=== {point.label}, lr {lr:g}")
+      tick = time.monotonic()
+      summary = train(run, get_config(point.preset, **point.fields),
+                      os.path.join(workdir, run_name(settings, point, lr)))
+      if "interrupted" in summary:
+        print(f"stopped by {summary['interrupted']}: rerun the same command to continue")
+        return False
+      runs.append({"lr": float(lr), "seconds": round(time.monotonic() - tick, 1), **summary})
+    best = max(runs, key=_score)
+    done.append({"label": point.label, "family": point.family, "preset": point.preset,
+                 "fields": point.fields, "state_bytes": best["state_bytes"],
+                 "accuracy": best["test/mean"], "best_lr": best["lr"],
+                 "per_slice": {k[5:]: v for k, v in best.items() if k.startswith("test/")},
+                 "seconds": round(sum(r["seconds"] for r in runs), 1), "all_runs": runs})
+    write(out, done, meta, settings)  # after every point: a killed sweep keeps what it finished
+    print(f"{point.label:28s} state {best['state_bytes']:>10,d} B  acc {best['test/mean']:.3f} "
+          f"(length <= 256: {in_distribution(done[-1]):.3f})  lr {best['lr']:g}")
+  return True

@@ -1,0 +1,95 @@
+"""The MQAR sweep: the paper's grids cover every mixer and feature map, a killed sweep resumes
+without redoing finished points, and the Pareto frontier is the non-dominated points."""
+
+import json
+import os
+
+import pytest
+
+from based_jax import get_config, state_size_bytes
+from based_jax.config import FEATURE_MAPS, MixerKind
+from experiments import recall_sweep
+
+
+def test_paper_grids_cover_every_mixer_and_map_on_the_paper_schedule():
+  fig2, fig3 = recall_sweep.GRIDS["paper_figure2"], recall_sweep.GRIDS["paper_figure3"]
+  for grid in (fig2, fig3):
+    assert grid.run == "mqar_paper" and grid.steps is None and len(grid.lrs) == 4
+  kinds = {kind for p in fig2.points for kind in get_config(p.preset, **p.fields).layer_kinds}
+  assert kinds == set(MixerKind)
+  maps = {get_config(p.preset, **p.fields).la_feature_map for p in fig3.points}
+  assert maps == set(FEATURE_MAPS)
+  widths = {p.fields["d_model"] for p in fig3.points}
+  assert min(widths) == 64 and max(widths) == 512
+  assert {p.fields["la_feature_dim"] for p in fig3.points if p.family.startswith("Taylor")} == {
+      16, 24}
+  for grid in recall_sweep.GRIDS.values():  # labels name points uniquely; every config is valid
+    assert len({p.label for p in grid.points}) == len(grid.points)
+    for p in grid.points:
+      get_config(p.preset, **p.fields)
+
+
+def fake_summary(config, lr):
+  """What `train` reports, made up from the config and lr (the best lr differs per point)."""
+  accuracy = (config.d_model % 7 + lr * 100) / 10
+  return {"step": 5, "state_bytes": state_size_bytes(config, 256).total,
+          "test/64x4": accuracy, "test/512x128": accuracy / 2, "test/mean": accuracy * 0.75}
+
+
+class Killed(Exception):
+  """The process dying mid-run (what SIGKILL would do, without the process)."""
+
+
+def test_a_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
+  points = list(recall_sweep.GRIDS["cpu_figure2"].points[:3])
+  settings = {"grid": "cpu_figure2", "run": "mqar_small", "lrs": [1e-3, 3.2e-3], "steps": 5,
+              "run_set": []}
+  out, calls, kill_at = str(tmp_path / "sweep"), [], [4]
+
+  def train(run, config, workdir):
+    calls.append(os.path.basename(workdir))
+    if len(calls) == kill_at[0]:  # killed during the second point's second run
+      kill_at[0] = None
+      raise Killed
+    assert run.optimizer.total_steps == 5 and run.model in ("mqar_attention", "mqar_based",
+                                                            "mqar_sliding_window")
+    return fake_summary(config, run.optimizer.learning_rate)
+
+  with pytest.raises(Killed):
+    recall_sweep.sweep(points, settings, out, str(tmp_path), train)
+  with open(out + ".json") as f:
+    assert [p["label"] for p in json.load(f)["points"]] == [points[0].label]
+  first = list(calls)
+  calls.clear()
+  assert recall_sweep.sweep(points, settings, out, str(tmp_path), train)
+  # Point 0 is not trained again; point 1 runs again (its runs resume from their workdirs).
+  assert len(calls) == 4 and calls[:2] == first[2:] and not set(first[:2]) & set(calls)
+  assert len(set(first[:2] + calls)) == 6  # one workdir per (point, lr)
+  with open(out + ".json") as f:
+    result = json.load(f)
+  assert [p["label"] for p in result["points"]] == [p.label for p in points]
+  for p in result["points"]:
+    best = max(p["all_runs"], key=lambda r: r["test/mean"])
+    assert p["accuracy"] == best["test/mean"] and p["best_lr"] == best["lr"]
+    assert p["per_slice"] == {"64x4": best["test/64x4"], "512x128": best["test/512x128"],
+                              "mean": best["test/mean"]}
+  assert set(result["meta"]) >= {"argv", "device", "versions", "run_config"}
+  assert os.path.getsize(out + ".png") > 0
+  with pytest.raises(ValueError, match="other settings"):
+    recall_sweep.sweep(points, {**settings, "steps": 6}, out, str(tmp_path), train)
+
+
+def test_deadline_stops_before_a_new_run(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5, "run_set": []}
+  ran = []
+  train = lambda run, config, workdir: ran.append(1) or fake_summary(config, 1e-3)
+  assert not recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(tmp_path), train,
+                              deadline_s=1e-9)
+  assert not ran
+
+
+def test_pareto_frontier_is_the_non_dominated_points():
+  pts = [{"label": label, "state_bytes": s, "accuracy": a} for label, s, a in [
+      ("a", 10, 0.2), ("b", 20, 0.1), ("c", 20, 0.5), ("d", 40, 0.5), ("e", 80, 0.9)]]
+  assert [p["label"] for p in recall_sweep.pareto_frontier(pts)] == ["a", "c", "e"]
