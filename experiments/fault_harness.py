@@ -1,6 +1,7 @@
-"""The fault-injection harness of `experiments/fault_injection.py` and tests/test_faults.py:
-a tiny MQAR training run in a subprocess, killed at a step or mid-save, resumed, and compared
-with an uninterrupted run (bit-identical parameters, equal results)."""
+"""The fault-injection harness of `experiments/fault_injection.py` and the fault tests: a tiny
+training run in a subprocess (MQAR by default, `args` for another run such as text), killed at
+a step or mid-save, resumed, and compared with an uninterrupted run (bit-identical parameters,
+equal results)."""
 
 import dataclasses
 import json
@@ -9,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -24,12 +25,13 @@ TRAIN_ARGS = ("--model=mqar_based", "--model_set=d_model=32", "--model_set=la_fe
 KINDS = ("step", "mid_save")
 
 
-def train_command(workdir: str, *extra: str) -> list[str]:
-  return [sys.executable, "-m", "experiments.train", *TRAIN_ARGS, f"--workdir={workdir}", *extra]
+def train_command(workdir: str, args: Sequence[str] = TRAIN_ARGS) -> list[str]:
+  return [sys.executable, "-m", "experiments.train", *args, f"--workdir={workdir}"]
 
 
-def run_to_end(workdir: str, timeout_s: int = 300) -> subprocess.CompletedProcess:
-  result = subprocess.run(train_command(workdir), cwd=ROOT, capture_output=True, text=True,
+def run_to_end(workdir: str, timeout_s: int = 300,
+               args: Sequence[str] = TRAIN_ARGS) -> subprocess.CompletedProcess:
+  result = subprocess.run(train_command(workdir, args), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout_s)
   if result.returncode:
     raise RuntimeError(f"training in {workdir} failed ({result.returncode}):\n{result.stderr}")
@@ -65,9 +67,9 @@ class Kill:
 
 
 def run_and_kill(workdir: str, kill: Kill, sig: int = signal.SIGKILL,
-                 timeout_s: float = 300) -> Kill:
+                 timeout_s: float = 300, args: Sequence[str] = TRAIN_ARGS) -> Kill:
   """Starts the run and sends `sig` at the kill point; returns the kill as it happened."""
-  process = subprocess.Popen(train_command(workdir), cwd=ROOT, stdout=subprocess.DEVNULL,
+  process = subprocess.Popen(train_command(workdir, args), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + timeout_s
   try:
@@ -107,11 +109,11 @@ def same_run(workdir: str, reference: tuple[list[np.ndarray], dict]) -> dict:
           "results_equal": results == reference[1]}
 
 
-def trial(workdir: str, kill: Kill, reference) -> dict:
+def trial(workdir: str, kill: Kill, reference, args: Sequence[str] = TRAIN_ARGS) -> dict:
   """One kill, the resume, and the comparison."""
-  kill = run_and_kill(workdir, kill)
+  kill = run_and_kill(workdir, kill, args=args)
   before = logged_steps(workdir)
-  run_to_end(workdir)
+  run_to_end(workdir, args=args)
   after = logged_steps(workdir)
   return {**dataclasses.asdict(kill), **same_run(workdir, reference),
           "metrics_kept": after[:len(before)] == before}

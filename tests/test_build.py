@@ -40,20 +40,27 @@ THIRD_PARTY_PACKAGE = "third_party/py"
 # of its placeholder py_library in third_party/py/BUILD. The longest matching prefix wins.
 THIRD_PARTY = {
     "absl": "//third_party/py:absl",
+    "datasets": "//third_party/py:datasets",
     "fla": "//third_party/py:fla",
     "flax": "//third_party/py:flax",
     "grain": "//third_party/py:grain",
+    "huggingface_hub": "//third_party/py:huggingface_hub",
     "jax": "//third_party/py:jax",
     "jax_triton": "//third_party/py:jax_triton",
+    "lm_eval": "//third_party/py:lm_eval",
     "matplotlib": "//third_party/py:matplotlib",
     "numpy": "//third_party/py:numpy",
     "optax": "//third_party/py:optax",
     "orbax.checkpoint": "//third_party/py:orbax_checkpoint",
+    "pyarrow": "//third_party/py:pyarrow",
     "pytest": "//third_party/py:pytest",
+    "safetensors": "//third_party/py:safetensors",
     "tensorboardX": "//third_party/py:tensorboardX",
+    "tokenizers": "//third_party/py:tokenizers",
     "torch": "//third_party/py:torch",
     "tqdm": "//third_party/py:tqdm",
     "triton": "//third_party/py:triton",
+    "yaml": "//third_party/py:yaml",
 }
 # Every py_test's main is the generated pytest_main.py (BUILD's genrule), which imports pytest.
 PYTEST_MAIN = "pytest_main.py"

@@ -151,3 +151,39 @@ def test_readme_text_run_beats_the_unigram_model(tmp_path):
   unigram = float(np.exp(-np.mean(np.log(counts[val_ids] / counts.sum()))))
   assert 300 < unigram < 600
   assert summary["val/perplexity"] < 0.75 * unigram, (summary, unigram)
+
+
+def test_validation_loss_equals_the_perplexity_tool_on_the_same_windows(corpus, tmp_path):
+  """The trainer's val/loss and `rolling_logprobs` (experiments/perplexity.py, lm-eval's
+  loglikelihood_rolling) score the same tokens the same way."""
+  from based_jax.evaluation.loglikelihood import rolling_logprobs
+  from based_jax.training.tasks import load_text_tokens
+  run = _run(corpus)
+  summary, _ = train(run, MODEL, str(tmp_path / "run"))
+  config, params = load_checkpoint(str(tmp_path / "run"))
+  tokens, _ = load_text_tokens(run.text, config.vocab_size, show_progress=False)
+  split = text_pipeline.split_windows(len(tokens), run.text.seq_len, run.text.val_fraction)
+  width = run.text.seq_len + 1
+  windows = [tokens[i * width:(i + 1) * width].tolist()
+             for i in split.val[:run.text.eval_batches * run.batch_size]]
+  logprob = rolling_logprobs(config, params, windows, run.text.seq_len).sum()
+  np.testing.assert_allclose(-logprob / (len(windows) * run.text.seq_len), summary["val/loss"],
+                             rtol=2e-5)
+
+
+def test_text_run_killed_after_a_checkpoint_resumes_bit_identically(corpus, tmp_path):
+  """kill -9 of `experiments.train --run=text_small ...` after step 7 (checkpoints every 3),
+  then the same command again: the same parameters and results as a run never killed (the
+  data iterator's position is part of each checkpoint)."""
+  from experiments import fault_harness as fi  # pylint: disable=g-import-not-at-top
+  args = ("--run=text_small", "--model=based_tiny", "--model_set=vocab_size=304",
+          f"--data={corpus / 'chapters.jsonl'}", f"--tokenizer={corpus / 'tokenizer.json'}",
+          f"--token_cache_dir={corpus / 'cache'}", "--seq_len=32", "--batch_size=4",
+          "--eval_every=5", "--log_every=1", "--checkpoint_every=3", "--eval_batches=2",
+          "--warmup_steps=2", "--total_steps=16")
+  fi.run_to_end(str(tmp_path / "whole"), args=args)
+  result = fi.trial(str(tmp_path / "killed"), fi.Kill("step", target=7),
+                    fi.final_state(str(tmp_path / "whole")), args=args)
+  assert result["exit_code"] == -9 and result["killed_after_step"] >= 7, result
+  assert result["params_bit_identical"] and result["results_equal"], result
+  assert result["metrics_kept"], result

@@ -1,0 +1,147 @@
+"""Training throughput: tokens/s and MFU of the real train step, BASED against Transformer++.
+
+  python -m experiments.bench_train --out=experiments/results/train_h200
+
+For every model and sequence length, in one run (each point in a fresh child process, so an
+out-of-memory point becomes a recorded result): the jitted train step of `experiments/train.py`
+(`based_jax.training.step.make_train_step`: AdamW, clipping, the full LM head, the state
+donated) on random tokens, bf16 compute with float32 parameters and residual (the paper's
+recipe), softmax attention through `attention_impl=auto` (cuDNN flash attention on a CUDA GPU
+in bf16: the strongest baseline). MFU counts `based_jax.training.flops.train_flops_per_token`
+(6 N plus the sequence mixing) against the datasheet dense bf16 peak of the device.
+Writes <out>.json (device, versions, shapes, command) and <out>.md.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from based_jax.config import get_config  # noqa: E402
+from based_jax.implementations import implementations  # noqa: E402
+from based_jax.model import LanguageModel, count_params  # noqa: E402
+from based_jax.training import flops, sharding, step as step_lib  # noqa: E402
+from based_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
+from experiments import child_process  # noqa: E402
+from experiments.benchmarking import parse_model, run_metadata  # noqa: E402
+
+_MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m"],
+                            "Model specs 'preset+field=value+...'.")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
+_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384,
+                               "Tokens per optimizer step (batch = this / seq_len).")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per point (after 3 warm-up steps).")
+_OUT = flags.DEFINE_string("out", None, "Write <out>.json and <out>.md.")
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Per-point limit.")
+_CHILD = flags.DEFINE_string("child_request", None, "Internal: run one point (child process).")
+
+WARMUP = 3
+
+
+def _config(spec: str):
+  preset, overrides = parse_model(spec)
+  return get_config(preset, **{"dtype": "bfloat16", **overrides})
+
+
+def measure(request: dict, progress) -> dict:
+  """One (model, seq_len) point: seconds per step and what follows from it."""
+  del progress
+  config = _config(request["model"])
+  seq_len, batch = request["seq_len"], request["batch"]
+  model, optimizer = LanguageModel(config), make_optimizer(OptimizerConfig())
+  mesh = sharding.make_mesh()
+  init = lambda: step_lib.init_state(model, optimizer, 0, jnp.zeros((1, 8), jnp.int32))
+  shardings = step_lib.state_shardings(mesh, jax.eval_shape(init))
+  state = jax.jit(init, out_shardings=shardings)()
+  step = step_lib.make_train_step(model, optimizer, mesh, shardings, request["grad_accum_steps"])
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.vocab_size, (batch, seq_len + 1), dtype=np.int32)
+  data = sharding.global_batch({"inputs": tokens[:, :-1], "labels": tokens[:, 1:]}, mesh)
+  try:
+    compile_start = time.perf_counter()
+    for _ in range(WARMUP):
+      state, metrics = step(state, data, None)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - compile_start
+    start = time.perf_counter()
+    for _ in range(request["steps"]):
+      state, metrics = step(state, data, None)
+    loss = float(metrics["loss"])
+    seconds = (time.perf_counter() - start) / request["steps"]
+  except Exception as e:  # noqa: BLE001 - an OOM is a result
+    if child_process.is_oom(e):
+      raise child_process.OutOfMemory("train_step", child_process.first_line(e)) from e
+    raise
+  tokens_per_s = batch * seq_len / seconds
+  per_token = flops.train_flops_per_token(config, seq_len)
+  peak = flops.peak_flops()
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"model": request["model"], "seq_len": seq_len, "batch": batch,
+          "grad_accum_steps": request["grad_accum_steps"], "params": count_params(config),
+          "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
+          "train_flops_per_token": per_token, "peak_flops": peak,
+          "mfu": tokens_per_s * per_token / peak / jax.device_count() if peak else None,
+          "loss": loss, "warmup_s": compile_s,
+          "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+          "implementations": implementations(config)}
+
+
+def _table(rows: list[dict]) -> str:
+  lines = ["| model | seq | batch | step ms | tokens/s | MFU | peak GiB | vs first model |",
+           "|---|---|---|---|---|---|---|---|"]
+  base = {}
+  for r in rows:
+    if "error" in r or "oom" in r:
+      lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | "
+                   f"{'out of memory' if 'oom' in r else 'error'} | | | | |")
+      continue
+    base.setdefault(r["seq_len"], r["tokens_per_s"])
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+    lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['step_ms']:.1f} | "
+                 f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
+                 f"{r['tokens_per_s'] / base[r['seq_len']]:.2f}x |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    child_process.serve(_CHILD.value, measure)
+    return
+  rows = []
+  for seq_len in (int(t) for t in _SEQ_LENS.value):
+    if _TOKENS.value % seq_len:
+      raise app.UsageError(f"--tokens_per_step={_TOKENS.value} is not a multiple of {seq_len}")
+    for spec in _MODELS.value:
+      request = {"model": spec, "seq_len": seq_len, "batch": _TOKENS.value // seq_len,
+                 "grad_accum_steps": _ACCUM.value, "steps": _STEPS.value}
+      try:
+        row = child_process.run_child("experiments.bench_train", request, 0.95, _TIMEOUT.value)
+      except child_process.OutOfMemory as e:
+        row = {**request, "oom": str(e)}
+      except (RuntimeError, TimeoutError) as e:
+        row = {**request, "error": str(e)[-2000:]}
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  table = _table(rows)
+  print(table)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+    with open(_OUT.value + ".json", "w") as f:
+      json.dump({**run_metadata("optax", "jax-triton"), "mfu_peak": "datasheet dense bf16",
+                 "rows": rows}, f, indent=1)
+    with open(_OUT.value + ".md", "w") as f:
+      f.write(f"Train step, bf16 compute, float32 params ({jax.devices()[0].device_kind}; "
+              f"MFU of the datasheet dense bf16 peak)\n\n{table}\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
