@@ -10,6 +10,22 @@ recipe), softmax attention through `attention_impl=auto` (cuDNN flash attention 
 in bf16: the strongest baseline). MFU counts `based_jax.training.flops.train_flops_per_token`
 (6 N plus the sequence mixing) against the datasheet dense bf16 peak of the device.
 Writes <out>.json (device, versions, shapes, command) and <out>.md.
+
+Scaling over devices (weak scaling, the FSDP + data-parallel mesh of `training.sharding`):
+
+  python -m experiments.bench_train --models=based_1b --seq_lens=2048 --devices=1,2,4,8 \
+      --out=experiments/results/train_scaling_h200
+
+runs every point on the first 1, 2, 4 and 8 devices with --tokens_per_step tokens per device
+(the global batch grows with the device count) and reports tokens/s per device and the
+weak-scaling efficiency: tokens/s per device over that of the fewest devices of the same model
+and sequence length. Whether XLA overlaps the FSDP all-gathers and gradient reduce-scatters
+with compute is read off a profile of the multi-GPU step (`jax.profiler`), not from this
+table. A smoke check on fake CPU devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+      python -m experiments.bench_train --models=based_tiny --seq_lens=64 \
+      --tokens_per_step=128 --devices=1,2,4,8 --steps=2
 """
 
 import os
@@ -35,8 +51,11 @@ from experiments.benchmarking import parse_model, run_metadata  # noqa: E402
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m"],
                             "Model specs 'preset+field=value+...'.")
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["2048", "8192"], "Sequence lengths.")
-_TOKENS = flags.DEFINE_integer("tokens_per_step", 16384,
-                               "Tokens per optimizer step (batch = this / seq_len).")
+_TOKENS = flags.DEFINE_integer(
+    "tokens_per_step", 16384,
+    "Tokens per optimizer step per device (batch = this / seq_len x devices).")
+_DEVICES = flags.DEFINE_list("devices", ["1"],
+                             "Device counts: each point on the first N devices (weak scaling).")
 _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per point (after 3 warm-up steps).")
 _OUT = flags.DEFINE_string("out", None, "Write <out>.json and <out>.md.")
@@ -52,12 +71,15 @@ def _config(spec: str):
 
 
 def measure(request: dict, progress) -> dict:
-  """One (model, seq_len) point: seconds per step and what follows from it."""
+  """One (model, seq_len, devices) point: seconds per step and what follows from it."""
   del progress
   config = _config(request["model"])
-  seq_len, batch = request["seq_len"], request["batch"]
+  seq_len, batch, devices = request["seq_len"], request["batch"], request["devices"]
+  if devices > jax.device_count():
+    raise ValueError(f"the point needs {devices} devices; this machine has "
+                     f"{jax.device_count()}")
   model, optimizer = LanguageModel(config), make_optimizer(OptimizerConfig())
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(jax.devices()[:devices])
   init = lambda: step_lib.init_state(model, optimizer, 0, jnp.zeros((1, 8), jnp.int32))
   shardings = step_lib.state_shardings(mesh, jax.eval_shape(init))
   state = jax.jit(init, out_shardings=shardings)()
@@ -83,31 +105,48 @@ def measure(request: dict, progress) -> dict:
   tokens_per_s = batch * seq_len / seconds
   per_token = flops.train_flops_per_token(config, seq_len)
   peak = flops.peak_flops()
-  stats = jax.devices()[0].memory_stats() or {}
-  return {"model": request["model"], "seq_len": seq_len, "batch": batch,
+  peak_bytes = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0)
+                   for d in jax.devices()[:devices])
+  return {"model": request["model"], "seq_len": seq_len, "batch": batch, "devices": devices,
           "grad_accum_steps": request["grad_accum_steps"], "params": count_params(config),
           "step_ms": seconds * 1e3, "tokens_per_s": tokens_per_s,
+          "tokens_per_s_per_device": tokens_per_s / devices,
           "train_flops_per_token": per_token, "peak_flops": peak,
-          "mfu": tokens_per_s * per_token / peak / jax.device_count() if peak else None,
+          "mfu": tokens_per_s * per_token / peak / devices if peak else None,
           "loss": loss, "warmup_s": compile_s,
-          "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30,
+          "peak_memory_gib": peak_bytes / 2**30,  # the fullest device
           "implementations": implementations(config)}
 
 
+def add_scaling(rows: list[dict]) -> None:
+  """Sets each measured row's "weak_scaling_efficiency": its tokens/s per device over that of
+  the measured row with the fewest devices of the same model and sequence length."""
+  base = {}
+  for r in sorted((r for r in rows if "tokens_per_s" in r), key=lambda r: r["devices"]):
+    key = (r["model"], r["seq_len"])
+    base.setdefault(key, r["tokens_per_s"] / r["devices"])
+    r["weak_scaling_efficiency"] = r["tokens_per_s"] / r["devices"] / base[key]
+
+
 def _table(rows: list[dict]) -> str:
-  lines = ["| model | seq | batch | step ms | tokens/s | MFU | peak GiB | vs first model |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = ["| model | seq | devices | batch | step ms | tokens/s | tokens/s/device | scaling | "
+           "MFU | peak GiB | vs first model |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   base = {}
   for r in rows:
+    devices = r.get("devices", 1)
     if "error" in r or "oom" in r:
-      lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | "
-                   f"{'out of memory' if 'oom' in r else 'error'} | | | | |")
+      lines.append(f"| {r['model']} | {r['seq_len']} | {devices} | {r['batch']} | "
+                   f"{'out of memory' if 'oom' in r else 'error'} | | | | | | |")
       continue
-    base.setdefault(r["seq_len"], r["tokens_per_s"])
+    base.setdefault((r["seq_len"], devices), r["tokens_per_s"])
     mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-    lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch']} | {r['step_ms']:.1f} | "
-                 f"{r['tokens_per_s']:,.0f} | {mfu} | {r['peak_memory_gib']:.1f} | "
-                 f"{r['tokens_per_s'] / base[r['seq_len']]:.2f}x |")
+    scaling = r.get("weak_scaling_efficiency")
+    lines.append(f"| {r['model']} | {r['seq_len']} | {devices} | {r['batch']} | "
+                 f"{r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | "
+                 f"{r['tokens_per_s'] / devices:,.0f} | "
+                 f"{'' if scaling is None else f'{scaling:.0%}'} | {mfu} | "
+                 f"{r['peak_memory_gib']:.1f} | "
+                 f"{r['tokens_per_s'] / base[(r['seq_len'], devices)]:.2f}x |")
   return "\n".join(lines)
 
 
@@ -121,16 +160,20 @@ def main(argv):
     if _TOKENS.value % seq_len:
       raise app.UsageError(f"--tokens_per_step={_TOKENS.value} is not a multiple of {seq_len}")
     for spec in _MODELS.value:
-      request = {"model": spec, "seq_len": seq_len, "batch": _TOKENS.value // seq_len,
-                 "grad_accum_steps": _ACCUM.value, "steps": _STEPS.value}
-      try:
-        row = child_process.run_child("experiments.bench_train", request, 0.95, _TIMEOUT.value)
-      except child_process.OutOfMemory as e:
-        row = {**request, "oom": str(e)}
-      except (RuntimeError, TimeoutError) as e:
-        row = {**request, "error": str(e)[-2000:]}
-      rows.append(row)
-      print(json.dumps(row), flush=True)
+      for devices in (int(d) for d in _DEVICES.value):
+        request = {"model": spec, "seq_len": seq_len, "devices": devices,
+                   "batch": _TOKENS.value // seq_len * devices,
+                   "grad_accum_steps": _ACCUM.value, "steps": _STEPS.value}
+        try:
+          row = child_process.run_child("experiments.bench_train", request, 0.95,
+                                        _TIMEOUT.value)
+        except child_process.OutOfMemory as e:
+          row = {**request, "oom": str(e)}
+        except (RuntimeError, TimeoutError) as e:
+          row = {**request, "error": str(e)[-2000:]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+  add_scaling(rows)
   table = _table(rows)
   print(table)
   if _OUT.value:

@@ -21,11 +21,22 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 mid-save leaves the earlier checkpoints intact. A checkpoint that cannot be read is reported
 by step and path and moved aside to `<step>.unreadable` (never deleted); the newest readable
 one is used instead.
+
+Multi-host: every process saves and restores (Orbax writes each process's shards into the same
+directory, on a filesystem all processes share); whether a checkpoint is readable is agreed by
+all processes (`multihost.all_true`) and only process 0 moves an unreadable one aside. The
+data item holds one iterator state per process (grain's `process_<i>-of-<n>.json`): a run
+with another process count resumes it only when the states are global (`restore`'s
+`global_data_state`: the text pipeline's count of global batches read, equal on every process
+and meaning the same position for any process count at the same global batch); otherwise it
+is refused with an error naming both counts, and nothing is moved.
 """
 
 import dataclasses
+import glob
 import json
 import os
+import re
 import warnings
 from typing import Any, NamedTuple, Optional
 
@@ -33,6 +44,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from based_jax.config import ModelConfig
+from based_jax.training import multihost
 from based_jax.training.step import TrainState
 from based_jax.training.workdir import check_writable
 
@@ -40,6 +52,11 @@ UNREADABLE_SUFFIX = ".unreadable"
 MODEL_ONLY_FILE = "model_only.json"  # a model-only checkpoint's config, written last
 MODEL_ONLY_PARAMS = "params"  # its parameters (an Orbax PyTree)
 MODEL_ONLY_FORMAT = "based_jax.model_only.v1"
+
+
+class ProcessCountChanged(ValueError):
+  """A checkpoint's data iterator was saved by another number of processes and cannot be
+  resumed by this many."""
 
 
 class Restored(NamedTuple):
@@ -67,26 +84,37 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self._directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-  def _set_aside(self, step: int, error: BaseException) -> None:
-    """Reports an unreadable checkpoint and moves it out of the manager's sight."""
-    path = os.path.join(self._directory, str(step))
-    target = path + UNREADABLE_SUFFIX
-    n = 1
-    while os.path.exists(target):
-      target, n = f"{path}{UNREADABLE_SUFFIX}.{n}", n + 1
-    os.rename(path, target)
+  def _set_aside(self, step: int, error: Optional[BaseException]) -> None:
+    """Reports an unreadable checkpoint and moves it out of the manager's sight (process 0
+    moves it; `error` is None on a process that could read it when another could not)."""
+    if multihost.is_lead():
+      path = os.path.join(self._directory, str(step))
+      target = path + UNREADABLE_SUFFIX
+      n = 1
+      while os.path.exists(target):
+        target, n = f"{path}{UNREADABLE_SUFFIX}.{n}", n + 1
+      os.rename(path, target)
+      reason = _first_line(error) if error is not None else "another process could not read it"
+      warnings.warn(f"checkpoint step {step} at {path} cannot be read ({reason}); "
+                    f"moved to {target}, trying the previous checkpoint")
+    multihost.barrier(f"checkpoint_set_aside_{step}")
     self._manager.reload()
-    warnings.warn(f"checkpoint step {step} at {path} cannot be read ({_first_line(error)}); "
-                  f"moved to {target}, trying the previous checkpoint")
 
   def _newest_readable(self, read):
-    """`read(step)` of the newest step it succeeds on, setting aside the ones it fails on;
-    None when there are no (readable) checkpoints."""
+    """`read(step)` of the newest step it succeeds on (on every process), setting aside the
+    ones it fails on; None when there are no (readable) checkpoints. ProcessCountChanged is
+    raised, not set aside: the checkpoint is sound."""
     for step in sorted(self._manager.all_steps(), reverse=True):
+      result, error = None, None
       try:
-        return read(step)
+        result = read(step)
+      except ProcessCountChanged:
+        raise
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is set aside
-        self._set_aside(step, e)
+        error = e
+      if multihost.all_true(error is None):
+        return result
+      self._set_aside(step, error)
     return None
 
   def check_compatible(self, run_json: dict, defaults: dict) -> None:
@@ -116,19 +144,56 @@ class Checkpointer:
         model=ocp.args.JsonSave(dataclasses.asdict(model_config)),
         progress=ocp.args.JsonSave(progress)))
 
-  def restore(self, abstract_state: TrainState, data_iterator: Any) -> Optional[Restored]:
-    """The newest readable checkpoint (state with the shardings of `abstract_state`, the
-    iterator restored in place), or None if there is none."""
+  def restore(self, abstract_state: TrainState, data_iterator: Any,
+              global_data_state: bool = False) -> Optional[Restored]:
+    """The newest readable checkpoint (state with the shardings of `abstract_state`, so on
+    any number of devices; the iterator restored in place), or None if there is none.
+
+    `global_data_state`: the iterator's state is the same on every process and means the same
+    position for any process count (see the module docstring), so a checkpoint saved by
+    another number of processes resumes; without it, that raises ProcessCountChanged.
+    """
     import grain  # pylint: disable=g-import-not-at-top
 
     def read(step):
-      items = dict(state=ocp.args.StandardRestore(abstract_state),
-                   data=grain.checkpoint.CheckpointRestore(data_iterator))
+      items = dict(state=ocp.args.StandardRestore(abstract_state))
+      data_state = self._foreign_data_state(step, global_data_state)
+      if data_state is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       if "progress" in self._manager.item_metadata(step).keys():
         items["progress"] = ocp.args.JsonRestore()
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      if data_state is not None:
+        data_iterator.set_state(data_state)
       return Restored(restored["state"], restored.get("progress") or {})
     return self._newest_readable(read)
+
+  def _foreign_data_state(self, step: int, global_data_state: bool) -> Optional[dict]:
+    """None when step's iterator states were saved by this many processes (or cannot be
+    told apart: the usual restore reports what is wrong); else the state to resume from, the
+    one that every saving process recorded."""
+    files = glob.glob(os.path.join(self._directory, str(step), "data", "process_*-of-*.json"))
+    counts = {int(m.group(1)) for m in (re.search(r"-of-(\d+)\.json$", f) for f in files) if m}
+    if len(counts) != 1 or counts == {jax.process_count()}:
+      return None
+    (saved,) = counts
+    where = os.path.join(self._directory, str(step))
+    if not global_data_state:
+      raise ProcessCountChanged(
+          f"checkpoint step {step} at {where} was written by {saved} processes and this run "
+          f"has {jax.process_count()}: its data iterator's position is per process, so it "
+          f"resumes only with {saved} processes (nothing was changed)")
+    states = []
+    for f in sorted(files):
+      with open(f) as handle:
+        states.append(json.load(handle))
+    if len(states) != saved or any(s != states[0] for s in states):
+      found = (f"{len(states)} of the {saved} processes' data positions" if len(states) != saved
+               else f"different data positions for its {saved} processes")
+      raise ProcessCountChanged(
+          f"checkpoint step {step} at {where} holds {found}, so it resumes only with {saved} "
+          f"processes, not {jax.process_count()} (nothing was changed)")
+    return states[0]
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -202,7 +267,7 @@ def _load_model_only(directory: str) -> tuple[ModelConfig, Any]:
   params_dir = os.path.join(os.path.abspath(directory), MODEL_ONLY_PARAMS)
   try:
     tree = checkpointer.metadata(params_dir).item_metadata.tree
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           tree)
     params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
@@ -262,7 +327,7 @@ def _load_step(manager: ocp.CheckpointManager, step: int) -> tuple[ModelConfig, 
     config = ModelConfig(**{k[len("model."):]: v for k, v in run.items()
                             if k.startswith("model.")})
   meta = manager.item_metadata(step)["state"].tree
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = {"params": jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), meta["params"])}
   restored = manager.restore(step, args=ocp.args.Composite(

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from based_jax.config import ModelConfig
 from based_jax.data import mqar, pipeline, text_pipeline, text_sources, token_files, tokenizer
 from based_jax.state_size import state_size_bytes
-from based_jax.training import sharding
+from based_jax.training import multihost, sharding
 from based_jax.training.run_config import RunConfig, TextConfig
 
 
@@ -50,6 +50,9 @@ def evaluate_mqar(eval_step, params, test_slices, test_sets, batch_size: int,
 class MqarTask:
   """Multi-query associative recall (based_jax.data.mqar)."""
   headline = "test/mean"
+  # Each process shuffles its own shard: the iterator's position means nothing to another
+  # process count (checkpointing.Checkpointer.restore).
+  global_data_state = False
 
   def __init__(self, run: RunConfig, model_config: ModelConfig, mesh: Mesh):
     if model_config.vocab_size < run.vocab_size:
@@ -96,8 +99,11 @@ def load_text_tokens(text: TextConfig, vocab_size: int, show_progress: bool = Tr
   else:
     tok = tokenizer.load_tokenizer(text.tokenizer)
     tokenizer.check_fits(tok, vocab_size)
-    path = token_files.build_token_file(spec, tok, text.token_cache_dir,
-                                        show_progress and jax.process_index() == 0)
+    # Process 0 tokenizes; the others then find the cache complete (a shared token_cache_dir)
+    # or build their own copy (a local one).
+    path = multihost.lead_first(lambda: token_files.build_token_file(
+        spec, tok, text.token_cache_dir, show_progress and multihost.is_lead()),
+        "tokenizing the text")
   tokens = token_files.open_tokens(path)
   if not len(tokens):
     raise ValueError(f"{path} holds no tokens")
@@ -111,6 +117,9 @@ def load_text_tokens(text: TextConfig, vocab_size: int, show_progress: bool = Tr
 class TextTask:
   """Next-token prediction on a token stream."""
   headline = "val/perplexity"
+  # The iterator's state is the number of global batches read, the same position for any
+  # process count at the same batch_size (text_pipeline.make_train_iterator).
+  global_data_state = True
 
   def __init__(self, run: RunConfig, model_config: ModelConfig, mesh: Mesh):
     text = run.text

@@ -13,7 +13,10 @@ checkpoint, and a second signal acts as usual.
 
 Multi-host: every process runs this loop (call `jax.distributed.initialize` first); each reads
 its share of every batch, Orbax saves and restores on all of them, and only process 0 prints
-and writes metrics.
+and writes metrics. Whatever one process finds that changes the course of the run is agreed
+by all (`multihost`): process 0's workdir lock, an unreadable checkpoint, and a stop signal,
+which stops every process at the same step: the first log step (`log_every`) after any
+process received it.
 """
 
 import dataclasses
@@ -27,11 +30,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import tqdm
-from absl import logging
 
 from based_jax.config import ModelConfig
 from based_jax.model import LanguageModel
-from based_jax.training import flops, sharding, step as step_lib
+from based_jax.training import flops, multihost, sharding, step as step_lib
 from based_jax.training.checkpointing import (Checkpointer, abstract_like, checkpoint_dir,
                                               load_checkpoint)
 from based_jax.training.metrics import MetricWriter
@@ -71,6 +73,16 @@ class StopRequest:
   def __exit__(self, *exc) -> None:
     self._restore()
 
+  def agreed(self, step: int, every: int) -> Optional[str]:
+    """The signal that stops the run after `step`. One process: its own, at once. Several:
+    every `every` steps, any process's (the others report it as SIGTERM), so that all stop at
+    the same step; a collective there."""
+    if jax.process_count() == 1:
+      return self.signal
+    if step % every:
+      return None
+    return (self.signal or "SIGTERM") if multihost.any_true(self.signal is not None) else None
+
 
 def train(run: RunConfig, model_config: ModelConfig, workdir: str,
           steps_this_run: Optional[int] = None) -> tuple[dict, step_lib.TrainState]:
@@ -89,6 +101,7 @@ def train(run: RunConfig, model_config: ModelConfig, workdir: str,
 def _initial_params(run: RunConfig, model_config: ModelConfig):
   """The parameters of `run.init_from`, checked against the run's model config."""
   config, params = load_checkpoint(run.init_from)
+  params = jax.device_get(params)  # host arrays: the same on every process, placed by jit
   mine, theirs = (
       {k: v for k, v in dataclasses.asdict(c).items() if k not in MODEL_RUNTIME_FIELDS}
       for c in (model_config, config))
@@ -112,7 +125,8 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   shapes = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, run.seed, example))
   shardings = step_lib.state_shardings(mesh, shapes)
   iterator = task.train_iterator
-  restored = checkpointer.restore(abstract_like(shapes, shardings), iterator)
+  restored = checkpointer.restore(abstract_like(shapes, shardings), iterator,
+                                  task.global_data_state)
   if restored is not None:
     state, progress = restored
     if lead:
@@ -141,6 +155,7 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   writer = MetricWriter(workdir) if lead else None
   bar = tqdm.tqdm(total=run.optimizer.total_steps, initial=start, unit="step",
                   dynamic_ncols=True, disable=not lead)
+  interrupted = None  # the signal that stopped the run
   try:
     tokens, tick = 0, time.perf_counter()
     for step in range(start + 1, last + 1):
@@ -148,7 +163,8 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
       state, metrics = train_step(state, batch, task.max_labels(batch))
       tokens += batch["inputs"].size
       finished = step == run.optimizer.total_steps
-      pause = step - start == steps_this_run or stop.signal is not None
+      interrupted = stop.agreed(step, run.log_every)
+      pause = step - start == steps_this_run or interrupted is not None
       if step % run.log_every == 0 or finished or pause:
         metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
         metrics["train/tokens_per_s"] = tokens / (time.perf_counter() - tick)
@@ -189,8 +205,8 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
     if lead:
       writer.close()
   summary = {"step": int(state.step), **task.summary()}
-  if stop.signal is not None:
-    return {**summary, "interrupted": stop.signal}, state
+  if interrupted is not None:
+    return {**summary, "interrupted": interrupted}, state
   if progress.get("results_step") != int(state.step):  # paused between evaluations
     results = task.evaluate(eval_step, state.params)
   summary.update(results)

@@ -5,6 +5,11 @@
 process ends, however it ends (kill -9 included), so a lock file whose lock is free is stale:
 the next run takes it over with a message. A held lock refuses the second run with an error
 naming the owner.
+
+Multi-host: the workdir is shared by all processes of the run (Orbax writes every checkpoint
+into one directory), so the run, not each process, owns it: process 0 holds the lock and every
+process learns whether it got it (`multihost.all_true`), so a busy workdir refuses the whole
+run at once, on every process.
 """
 
 import datetime
@@ -14,6 +19,8 @@ import os
 import socket
 import sys
 import tempfile
+
+from based_jax.training import multihost
 
 LOCK_NAME = "lock"
 
@@ -40,7 +47,23 @@ class WorkdirLock:
     self._file = None
 
   def __enter__(self) -> "WorkdirLock":
-    check_writable(os.path.dirname(self.path) or ".")
+    error = None
+    try:
+      check_writable(os.path.dirname(self.path) or ".")
+      if multihost.is_lead():
+        self._file = self._take()
+    except ValueError as e:  # WorkdirBusy included
+      error = e
+    if not multihost.all_true(error is None):
+      if self._file is not None:
+        self._release()
+      raise error or WorkdirBusy(
+          f"workdir {os.path.dirname(self.path)!r}: another process of this run could not "
+          "use it (its error says why)")
+    return self
+
+  def _take(self):
+    """The open lock file, flock'd and naming this process."""
     f = open(self.path, "a+")  # never truncates: a live owner's record stays readable
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -58,10 +81,13 @@ class WorkdirLock:
     json.dump({"pid": os.getpid(), "host": socket.gethostname(),
                "started": datetime.datetime.now().isoformat(timespec="seconds")}, f)
     f.flush()
-    self._file = f
-    return self
+    return f
 
   def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      self._release()
+
+  def _release(self) -> None:
     self._file.seek(0)
     self._file.truncate()  # released cleanly: no stale owner left behind
     self._file.close()  # closing releases the flock
