@@ -106,7 +106,11 @@ class ModelConfig:
   ssm_state: int = 16  # N: state per channel of Mamba's selective SSM and of H3's SSMs.
   # Longest lag a position-dependent mixer sees: Hyena's long-filter length, CosFormer's M.
   horizon: int = 1024
-  rope_base: float = 10000.0  # rotary embedding base (rotate-half layout, full head dim).
+  rope_base: float = 10000.0  # rotary embedding base (rotate-half layout).
+  # Head dims the rotary embedding rotates, the first ones (even); 0 = the whole head. The
+  # paper's Transformer++ baselines rotate half of each head (flash-attention's
+  # rotary_emb_fraction 0.5); the rest of the head carries no position.
+  rotary_dims: int = 0
   norm_eps: float = 1e-5  # RMSNorm epsilon.
   init_std: float = 0.02  # std of linear and embedding weights; output projections get less.
   dtype: str = "float32"  # compute dtype of mixers and MLPs ("float32" or "bfloat16").
@@ -173,6 +177,10 @@ class ModelConfig:
     if kinds & {SLIDING_WINDOW, ATTENTION}:
       if self.d_model % self.attn_heads:
         raise ValueError(f"attn_heads={self.attn_heads} must divide d_model={self.d_model}")
+      head_dim = self.d_model // self.attn_heads
+      if not 0 <= self.rotary_dims <= head_dim or self.rotary_dims % 2:
+        raise ValueError(f"rotary_dims must be an even number in [0, head dim {head_dim}] "
+                         f"(0: the whole head), got {self.rotary_dims}")
       if (self.d_model // self.attn_heads) % 2:
         raise ValueError(f"attention head dim d_model/attn_heads="
                          f"{self.d_model // self.attn_heads} must be even for rotary embeddings")

@@ -76,21 +76,25 @@ class SwiGLU(nn.Module):
     return dense(cfg, cfg.d_model, use_bias=False, output=True, name="fc2")(nn.silu(gate) * y)
 
 
-def apply_rotary(x: jnp.ndarray, positions: jnp.ndarray, base: float) -> jnp.ndarray:
-  """Rotary position embedding, rotate-half layout, over the full head dim.
+def apply_rotary(x: jnp.ndarray, positions: jnp.ndarray, base: float,
+                 dims: int = 0) -> jnp.ndarray:
+  """Rotary position embedding, rotate-half layout, over the first `dims` head dims.
 
   Args:
-    x: [B, T, H, K] queries or keys, K even.
+    x: [B, T, H, K] queries or keys.
     positions: [B, T] absolute token positions.
     base: frequency base (10000 in BASED).
+    dims: how many leading dims of each head rotate (even; 0 = all K, K even): pairs (i,
+      i + dims / 2) turn by positions * base^(-2i / dims), the rest pass through.
 
   Returns:
     [B, T, H, K] rotated, in x's dtype (angles are computed in float32).
   """
-  half = x.shape[-1] // 2
+  dims = dims or x.shape[-1]
+  half = dims // 2
   inv_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, K/2]
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, dims/2]
   cos, sin = jnp.cos(angles), jnp.sin(angles)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  x1, x2 = jnp.split(x[..., :dims].astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return rotated.astype(x.dtype)
+  return jnp.concatenate([rotated.astype(x.dtype), x[..., dims:]], axis=-1)

@@ -20,9 +20,10 @@ def rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_ragged_prefill_then_decode_equals_full_forward(preset):
-  config = get_config(preset, init_std=0.1)
+@pytest.mark.parametrize("preset,overrides", [(p, {}) for p in PRESETS] + [
+    ("transformer_pp_tiny", {"rotary_dims": 8})])  # half-rotary heads (the attn-360m layout)
+def test_ragged_prefill_then_decode_equals_full_forward(preset, overrides):
+  config = get_config(preset, init_std=0.1, **overrides)
   params, model = init_params(config, seed=1), LanguageModel(config)
   total, lengths = 30, np.array([11, 3, 19])
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, total))

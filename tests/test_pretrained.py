@@ -169,19 +169,40 @@ def test_full_size_keys_and_shapes(name, params_m):
       based_jax.count_params(config)
 
 
-@pytest.mark.parametrize("name,preset,mlp_inner", [("attn-360m", "transformer_pp_360m", 2816),
-                                                   ("attn-1b", "transformer_pp_1b", 4480)])
-def test_attention_baselines(name, preset, mlp_inner):
-  """The released Transformer++ baselines rotate half of each head: refused, naming the
-  field. With full rotary the same config is our preset (the vocabulary padded to 16)."""
-  hf = released_config(name)
-  with pytest.raises(ValueError, match="rotary_emb_fraction=0.5"):
-    hf_config.from_hf_config(hf, mlp_inner=mlp_inner)
-  config = hf_config.from_hf_config({**hf, "rotary_emb_fraction": 1.0}, mlp_inner=mlp_inner)
-  assert config == based_jax.get_config(preset, vocab_size=50272)
-  if name == "attn-1b":  # n_inner null: int(8 d / 3) = 4480, which based's class rounds to 4608
-    with pytest.raises(ValueError, match="pass mlp_inner"):
-      hf_config.from_hf_config({**hf, "rotary_emb_fraction": 1.0})
+def test_attention_baselines():
+  """The released Transformer++ baselines rotate half of each head: attn-360m is our preset
+  with rotary_dims 32 of 64 (and the vocabulary padded to 16); attn-1b's 35 of 70 is odd and
+  refused, naming the field."""
+  config = hf_config.from_hf_config(released_config("attn-360m"), mlp_inner=2816)
+  assert config == based_jax.get_config("transformer_pp_360m", vocab_size=50272, rotary_dims=32)
+  assert hf_config.from_hf_config(hf_config.to_hf_config(config), mlp_inner=2816) == config
+  hf = released_config("attn-1b")
+  with pytest.raises(ValueError, match=r"rotary_emb_fraction=0.5.*rotates int\(fraction \* "
+                                       r"head_dim\) = 35"):
+    hf_config.from_hf_config(hf, mlp_inner=4480)
+  config = hf_config.from_hf_config({**hf, "rotary_emb_fraction": 1.0}, mlp_inner=4480)
+  assert config == based_jax.get_config("transformer_pp_1b", vocab_size=50272)
+  with pytest.raises(ValueError, match="pass mlp_inner"):  # n_inner null: 4480 or 4608
+    hf_config.from_hf_config({**hf, "rotary_emb_fraction": 1.0})
+
+
+def test_partial_rotary_turns_only_the_leading_dims_by_relative_position():
+  """rotary_dims = R: the first R dims of q and k turn (q.k over them depends only on the
+  distance), the others carry no position (unchanged)."""
+  from based_jax.layers import apply_rotary  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  q, k = (rng.normal(size=(1, 1, 2, 16)).astype(np.float32) for _ in range(2))
+  at = lambda x, p: np.asarray(apply_rotary(np.repeat(x, 1, 1), np.array([[p]]), 100.0, 8))
+  for shift in (0, 5):
+    a, b = at(q, 3 + shift), at(k, 1 + shift)
+    np.testing.assert_array_equal(a[..., 8:], q[..., 8:])
+    np.testing.assert_allclose((a[..., :8] * b[..., :8]).sum(-1),
+                               (at(q, 3)[..., :8] * at(k, 1)[..., :8]).sum(-1), rtol=1e-5)
+  full = np.asarray(apply_rotary(q, np.array([[3]]), 100.0))
+  np.testing.assert_array_equal(full, np.asarray(apply_rotary(q, np.array([[3]]), 100.0, 16)))
+  assert not np.allclose(at(q, 3)[..., :8], q[..., :8])
+  with pytest.raises(ValueError, match="rotary_dims must be an even number in .0, head dim 16"):
+    based_jax.get_config("transformer_pp_tiny", rotary_dims=7)
 
 
 def _with(hf, path, value):
@@ -328,10 +349,11 @@ def _logits(config, params):
     based_jax.get_config("based_tiny", mlp_inner=256),
     based_jax.get_config("based_tiny", mlp_inner=256, param_dtype="bfloat16"),
     based_jax.get_config("transformer_pp_tiny", mlp_inner=256),
+    based_jax.get_config("transformer_pp_tiny", mlp_inner=256, rotary_dims=8),  # as attn-360m
     # BaseConv with full attention: the attention takes the free sliding-window slot.
     based_jax.get_config("based_tiny", mlp_inner=256, sliding_window_layers=(),
                          attention_layers=(2,), window=128),  # window: unused, the default
-], ids=["based", "based_bf16", "transformer_pp", "conv_attention"])
+], ids=["based", "based_bf16", "transformer_pp", "half_rotary", "conv_attention"])
 def test_export_then_import_is_identity(tmp_path, config):
   params = init(config, 5)
   export_pretrained(config, params, str(tmp_path / "hf"))

@@ -257,8 +257,8 @@ class Attention(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     scale = (d // h) ** -0.5
     qkv = dense(cfg, 3 * d, use_bias=False, name="Wqkv")(x).reshape(b, t, 3, h, d // h)
-    q = apply_rotary(qkv[:, :, 0], positions, cfg.rope_base).astype(dtype)
-    k = apply_rotary(qkv[:, :, 1], positions, cfg.rope_base).astype(dtype)
+    q = apply_rotary(qkv[:, :, 0], positions, cfg.rope_base, cfg.rotary_dims).astype(dtype)
+    k = apply_rotary(qkv[:, :, 1], positions, cfg.rope_base, cfg.rotary_dims).astype(dtype)
     v = qkv[:, :, 2].astype(dtype)
     valid = jnp.ones((b, t), bool) if lengths is None else jnp.arange(t) < lengths[:, None]
     key_pos = jnp.where(valid, positions, -1)

@@ -27,10 +27,10 @@ Conventions of the mapping (docs/checkpoints.md has the table):
     based's own class, 128 in flash-attention's, which the attention baselines use); when
     the two roundings differ the caller passes the width (from_pretrained reads it from the
     weights).
-  - Rotary embeddings must cover the whole head (`rotary_emb_fraction` 1, as in the BASED
-    configs): the paper's Transformer++ baselines (hazyresearch/attn-360m, attn-1b) rotate
-    half of each head (`rotary_emb_fraction` 0.5), which our attention does not implement,
-    so their configs are refused.
+  - Rotary embeddings rotate int(rotary_emb_fraction * head_dim) dims (`rotary_dims`): all
+    of them in the BASED configs (fraction 1), half in the paper's Transformer++ baselines
+    (hazyresearch/attn-360m: 32 of 64). An odd count (attn-1b: 35 of 70, which
+    flash-attention turns into 36 rotated dims with frequencies over 35) is refused.
 """
 
 from typing import Any, Mapping, Optional
@@ -186,8 +186,9 @@ def _require(hf: Mapping[str, Any], settings) -> None:
       _fail(field, hf.get(field, default), why)
 
 
-def _check_attention(hf: Mapping[str, Any], d_model: int, heads: int) -> float:
-  """Settings of sliding-window and full attention; returns the rotary base."""
+def _check_attention(hf: Mapping[str, Any], d_model: int, heads: int) -> tuple[float, int]:
+  """Settings of sliding-window and full attention; returns the rotary base and
+  `rotary_dims`."""
   head_dim = d_model // heads
   if hf.get("head_dim") not in (None, head_dim):
     _fail("head_dim", hf.get("head_dim"), f"heads here are n_embd / n_head = {head_dim} wide")
@@ -195,12 +196,12 @@ def _check_attention(hf: Mapping[str, Any], d_model: int, heads: int) -> float:
     _fail("n_head_kv", hf.get("n_head_kv"), "grouped / multi-query attention")
   _require(hf, _ATTENTION_SETTINGS)
   fraction = hf.get("rotary_emb_fraction", 0.0)
-  if not isinstance(fraction, (int, float)) or int(fraction * head_dim) != head_dim:
+  rotated = int(fraction * head_dim) if isinstance(fraction, (int, float)) else -1
+  if not 0 < rotated <= head_dim or rotated % 2:
     _fail("rotary_emb_fraction", fraction,
-          f"attention here rotates the whole head ({head_dim} dims, fraction 1.0); a fraction "
-          f"rotates int(fraction * head_dim) = {int(float(fraction) * head_dim)} dims "
-          "(the paper's Transformer++ baselines use 0.5)")
-  return float(hf.get("rotary_emb_base", 10000.0))
+          f"attention here rotates an even number of the {head_dim} head dims; this fraction "
+          f"rotates int(fraction * head_dim) = {rotated}")
+  return float(hf.get("rotary_emb_base", 10000.0)), 0 if rotated == head_dim else rotated
 
 
 def from_hf_config(hf: Mapping[str, Any], *, mlp_inner: Optional[int] = None,
@@ -249,7 +250,7 @@ def from_hf_config(hf: Mapping[str, Any], *, mlp_inner: Optional[int] = None,
                            f"{field} ({value} vs {fields[field]}); this port has one per model")
         fields[field], read_slots[field] = value, slot
   if layers[config_lib.ATTENTION] or layers[config_lib.SLIDING_WINDOW]:
-    fields["rope_base"] = _check_attention(hf, d, heads)
+    fields["rope_base"], fields["rotary_dims"] = _check_attention(hf, d, heads)
 
   widths = mlp_widths(hf)
   if mlp_inner is None:
@@ -301,6 +302,7 @@ def to_hf_config(config: ModelConfig) -> dict:
   by_kind = {kind: [i for i, k in enumerate(kinds) if k == kind]
              for kind in (config_lib.BASE_CONV, config_lib.LINEAR_ATTENTION,
                           config_lib.SLIDING_WINDOW, config_lib.ATTENTION)}
+  head_dim = config.d_model // config.attn_heads
   slots: dict[str, Optional[dict]] = {"mixer": None, "alt_mixer": None, "alt_mixer_2": None}
   slot_layers = {"alt_mixer": by_kind[config_lib.LINEAR_ATTENTION],
                  "alt_mixer_2": by_kind[config_lib.SLIDING_WINDOW]}
@@ -332,7 +334,8 @@ def to_hf_config(config: ModelConfig) -> dict:
       "layer_norm_epsilon": config.norm_eps, "initializer_range": config.init_std,
       "rms_norm": True, "activation_function": "swiglu", "fused_mlp": False,
       "mlp_fc1_bias": False, "mlp_fc2_bias": False, "qkv_proj_bias": False,
-      "out_proj_bias": False, "rotary_emb_fraction": 1.0, "rotary_emb_base": config.rope_base,
+      "out_proj_bias": False, "rotary_emb_base": config.rope_base,
+      "rotary_emb_fraction": (config.rotary_dims or head_dim) / head_dim if head_dim else 1.0,
       "rotary_emb_interleaved": False, "scale_attn_weights": True,
       "scale_attn_by_inverse_layer_idx": False, "tie_word_embeddings": True,
       "residual_in_fp32": True, "prenorm": True,

@@ -184,7 +184,7 @@ def _check_buffers(config: ModelConfig, state_dict: Mapping[str, Any]) -> list[s
   """Checks the ignored buffers; returns their names."""
   ignored = []
   kinds = config.layer_kinds
-  half = (config.d_model // config.attn_heads) // 2
+  half = (config.rotary_dims or config.d_model // config.attn_heads) // 2
   for name, value in state_dict.items():
     match = _INV_FREQ.match(name)
     if name == DECAY_BUFFER:
@@ -197,7 +197,7 @@ def _check_buffers(config: ModelConfig, state_dict: Mapping[str, Any]) -> list[s
         continue  # not an attention layer: reported as unknown
       if tuple(value.shape) != (half,):
         raise ValueError(f"{name} has shape {tuple(value.shape)}: rotary over {2 * value.shape[0]}"
-                         f" dims, the attention here rotates all {2 * half}")
+                         f" dims, the attention here rotates {2 * half}")
       if isinstance(value, np.ndarray):
         want = config.rope_base ** (-np.arange(half, dtype=np.float64) / half)
         if not np.allclose(value.astype(np.float64), want, rtol=1e-5, atol=0):
