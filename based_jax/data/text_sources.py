@@ -32,8 +32,11 @@ from typing import Iterator, Optional
 
 BIBLE = "bible"
 HF_PREFIX = "hf:"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
-TOKEN_SUFFIXES = (".bin", ".npy")
+# File name ending -> kind, longest ending first ("tokens": a pre-tokenized file).
+_FILE_KINDS = ((".jsonl.gz", "jsonl"), (".jsonl", "jsonl"), (".txt", "txt"),
+               (".parquet", "parquet"), (".bin", "tokens"), (".npy", "tokens"))
+TEXT_SUFFIXES = tuple(s for s, kind in _FILE_KINDS if kind != "tokens")
+TOKEN_SUFFIXES = tuple(s for s, kind in _FILE_KINDS if kind == "tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +137,7 @@ _READERS = {"bible": _read_bible, "txt": _read_txt, "jsonl": _read_jsonl,
 
 
 def _file_kind(path: str) -> Optional[str]:
-  for suffix, kind in ((".jsonl.gz", "jsonl"), (".jsonl", "jsonl"), (".txt", "txt"),
-                       (".parquet", "parquet"), (".bin", "tokens"), (".npy", "tokens")):
+  for suffix, kind in _FILE_KINDS:
     if path.endswith(suffix):
       return kind
   return None
@@ -145,7 +147,7 @@ def _expand(item: str) -> list[str]:
   """The files an item names: itself, a directory's supported files, or a glob's matches."""
   if os.path.isdir(item):
     files = [os.path.join(root, name) for root, _, names in os.walk(item) for name in names]
-    files = sorted(f for f in files if _file_kind(f) in ("txt", "jsonl", "parquet"))
+    files = sorted(f for f in files if _file_kind(f) not in (None, "tokens"))
     if not files:
       raise ValueError(f"directory {item!r} has no {', '.join(TEXT_SUFFIXES)} files")
     return files

@@ -107,10 +107,11 @@ def load_text_tokens(text: TextConfig, vocab_size: int, show_progress: bool = Tr
   tokens = token_files.open_tokens(path)
   if not len(tokens):
     raise ValueError(f"{path} holds no tokens")
-  largest = int(tokens.max())
-  if largest >= vocab_size:
-    raise ValueError(f"{path} holds token id {largest}, beyond the model's vocab_size "
-                     f"{vocab_size}")
+  if tok is None:  # ids the tokenizer wrote are below its vocab_size, checked above
+    largest = int(tokens.max())
+    if largest >= vocab_size:
+      raise ValueError(f"{path} holds token id {largest}, beyond the model's vocab_size "
+                       f"{vocab_size}")
   return tokens, tok
 
 
