@@ -9,6 +9,7 @@ from based_jax.checks import check_positive_int
 from based_jax.config import ModelConfig
 from based_jax.mixers import registry
 from based_jax.mixers.attention import EmptyAttentionCache, plain_cache
+from based_jax.mixers.linear_attention import EmptyTaylorState, plain_state
 
 
 class ModelCache(NamedTuple):
@@ -24,7 +25,8 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
   kinds what `based_jax.mixers.registry` says (docs/mixers.md).
   `dtype` overrides the config's compute dtype for attention and conv caches.
   Attention layers start as `EmptyAttentionCache` (the first call attends within itself, with
-  flash attention where available); loop carries need `as_carry(cache)`.
+  flash attention where available) and linear attention as `EmptyTaylorState` (the first call
+  starts from no state); loop carries need `as_carry(cache)`.
   """
   check_positive_int("batch", batch)
   check_positive_int("max_len", max_len)
@@ -48,7 +50,8 @@ def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
 def as_carry(cache: ModelCache) -> ModelCache:
   """The same cache with the same pytree type a model call returns (no 'empty' markers), so it
   can be a `lax.scan` / `lax.while_loop` carry. Nothing is copied."""
-  layers = tuple(plain_cache(c) if isinstance(c, EmptyAttentionCache) else c
+  layers = tuple(plain_cache(c) if isinstance(c, EmptyAttentionCache) else
+                 plain_state(c) if isinstance(c, EmptyTaylorState) else c
                  for c in cache.layers)
   return ModelCache(layers, cache.length)
 

@@ -9,7 +9,11 @@ causal sums, normaliser, state) lives in `pallas_kernels.taylor_attention`, whos
 and [v, 1] (the last column is the normaliser): for training up to 512 tokens its quadratic
 form (as the Taylor XLA path), else chunks carrying the state, and one step when decoding.
 Either way the cache is a `TaylorState`: the sums of phi(k) v^T [B, H, E, K] (in
-config.la_state_dtype) and of phi(k) [B, H, E] (float32).
+config.la_state_dtype) and of phi(k) [B, H, E] (float32). A new cache is an `EmptyTaylorState`,
+known at trace time to be zero: the first call on it (a prefill) starts the Taylor attention
+from no state, so nothing reads or converts the zeros (the Pallas kernels' change of the
+state's basis is a gather that XLA would otherwise constant-fold on them while compiling each
+batch shape), and returns a plain `TaylorState`.
 """
 
 from typing import Optional
@@ -22,16 +26,28 @@ from based_jax.layers import dense
 from based_jax.mixers import linear_recurrence
 from based_jax.mixers.feature_maps import FeatureMap, feature_width
 from pallas_kernels.taylor_attention import TaylorState, causal_taylor_attention
+from pallas_kernels.taylor_attention.state import stored_like
+
+
+class EmptyTaylorState(TaylorState):
+  """A `TaylorState` known, at trace time, to be zero (a new cache): the first call on it runs
+  the Taylor attention from no state (an ablation map's recurrence reads the zeros) and returns
+  a plain `TaylorState`. Loop carries must use the plain type (`cache.as_carry`)."""
+
+
+def plain_state(state: TaylorState) -> TaylorState:
+  """The same arrays as a plain `TaylorState` (drops the trace-time 'empty' marker)."""
+  return TaylorState(*state)
 
 
 def init_linear_attention_cache(config: ModelConfig, batch: int,
-                                max_len: int = 0) -> TaylorState:
+                                max_len: int = 0) -> EmptyTaylorState:
   """Zero state: [B, H, E, K] in config.la_state_dtype and [B, H, E] float32."""
   del max_len  # a fixed-size state
   h, k = config.la_heads, config.d_model // config.la_heads
   e = feature_width(config.la_feature_map, config.la_feature_dim)
-  return TaylorState(kv=jnp.zeros((batch, h, e, k), config.la_state_dtype),
-                     k=jnp.zeros((batch, h, e), jnp.float32))
+  return EmptyTaylorState(kv=jnp.zeros((batch, h, e, k), config.la_state_dtype),
+                          k=jnp.zeros((batch, h, e), jnp.float32))
 
 
 def state_values(config: ModelConfig, seq_len: int, symmetric: bool = True) -> int:
@@ -75,11 +91,12 @@ class TaylorLinearAttention(nn.Module):
     k = dense(cfg, h * f, use_bias=False, name="proj_k")(x).reshape(b, t, h, f)
     v = dense(cfg, d, use_bias=False, name="proj_v")(x).reshape(b, t, h, d // h)
     if cfg.la_feature_map == "taylor":
-      y, state = causal_taylor_attention(q, k, v, state=cache, lengths=lengths, eps=cfg.la_eps,
+      start = None if isinstance(cache, EmptyTaylorState) else cache  # zero: nothing to read
+      y, state = causal_taylor_attention(q, k, v, state=start, lengths=lengths, eps=cfg.la_eps,
                                          impl=cfg.linear_attention_impl)
     else:
       phi = FeatureMap(cfg, name="feature_map")
       y, state = _feature_map_attention(phi(q, positions), phi(k, positions), v, cache,
                                         lengths, cfg.la_eps)
     y = dense(cfg, d, use_bias=False, output=True, name="out_proj")(y.reshape(b, t, d))
-    return y, (state if cache is not None else None)
+    return y, (None if cache is None else stored_like(state, cache))
