@@ -106,6 +106,9 @@ class ModelConfig:
   ssm_state: int = 16  # N: state per channel of Mamba's selective SSM and of H3's SSMs.
   # Longest lag a position-dependent mixer sees: Hyena's long-filter length, CosFormer's M.
   horizon: int = 1024
+  # Softmax and sliding-window attention rotate queries and keys by position (rotary); False:
+  # attention sees no positions (the paper's MQAR models: order comes from the convolutions).
+  rotary: bool = True
   rope_base: float = 10000.0  # rotary embedding base (rotate-half layout).
   # Head dims the rotary embedding rotates, the first ones (even); 0 = the whole head. The
   # paper's Transformer++ baselines rotate half of each head (flash-attention's
@@ -178,12 +181,16 @@ class ModelConfig:
       if self.d_model % self.attn_heads:
         raise ValueError(f"attn_heads={self.attn_heads} must divide d_model={self.d_model}")
       head_dim = self.d_model // self.attn_heads
-      if not 0 <= self.rotary_dims <= head_dim or self.rotary_dims % 2:
+      if not self.rotary:
+        if self.rotary_dims:
+          raise ValueError(f"rotary_dims={self.rotary_dims} with rotary=False: without rotary "
+                           "embeddings no head dims rotate; leave rotary_dims at 0")
+      elif not 0 <= self.rotary_dims <= head_dim or self.rotary_dims % 2:
         raise ValueError(f"rotary_dims must be an even number in [0, head dim {head_dim}] "
                          f"(0: the whole head), got {self.rotary_dims}")
-      if (self.d_model // self.attn_heads) % 2:
-        raise ValueError(f"attention head dim d_model/attn_heads="
-                         f"{self.d_model // self.attn_heads} must be even for rotary embeddings")
+      elif head_dim % 2:
+        raise ValueError(f"attention head dim d_model/attn_heads={head_dim} must be even for "
+                         "rotary embeddings (or rotary=False)")
 
   def _check_layer_mixers(self) -> None:
     """`layer_mixers` names n_layers known kinds, and is not given with the index fields."""
@@ -253,7 +260,8 @@ PRESETS: dict[str, ModelConfig] = {
     "transformer_pp_tiny": ModelConfig(
         vocab_size=512, d_model=64, n_layers=2, mlp_inner=128,
         attention_layers=(0, 1), attn_heads=4),
-    # The paper's MQAR models: BaseConv then the mixer, no MLP.
+    # The paper's MQAR models: BaseConv then the mixer, no MLP, no positions in attention
+    # (zoology's MHA and SlidingAttn have none; its models have no position embeddings).
     "mqar_based": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
         linear_attention_layers=(1,), la_heads=1, la_feature_dim=16),
@@ -264,10 +272,10 @@ PRESETS: dict[str, ModelConfig] = {
         linear_attention_layers=(1,), la_heads=1, la_feature_dim=64, init_std=0.05),
     "mqar_sliding_window": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
-        sliding_window_layers=(1,), attn_heads=1, window=64),
+        sliding_window_layers=(1,), attn_heads=1, window=64, rotary=False),
     "mqar_attention": ModelConfig(
         vocab_size=8192, d_model=128, n_layers=2, mlp_inner=0,
-        attention_layers=(1,), attn_heads=1),
+        attention_layers=(1,), attn_heads=1, rotary=False),
     # The paper's MQAR baselines (docs/mixers.md): two layers of Mamba, H3 (N = d/4) or Hyena
     # as its configs stack them; RWKV-5 (heads of 64) twice; GLA after a BaseConv, as BASED.
     "mqar_mamba": ModelConfig(

@@ -3,6 +3,8 @@
 Shapes use the dimension letters of `based_jax/__init__.py`.
 """
 
+import functools
+import itertools
 import math
 
 import flax.linen as nn
@@ -52,6 +54,95 @@ def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = 
       bias_init=nn.initializers.zeros, dot_general=matrix_dot_general)
 
 
+def _rows_matmul(x: jnp.ndarray, w: jnp.ndarray, **kwargs) -> jnp.ndarray:
+  return matrix_dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), **kwargs)
+
+
+def _weight_grad(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
+  """x [..., D], g [..., N] (same dtype) -> x^T g [D, N] float32, over all leading axes."""
+  return jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
+                             (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def split_matmul(x: jnp.ndarray, kernel: jnp.ndarray,
+                 widths: tuple[int, ...]) -> tuple[jnp.ndarray, ...]:
+  """The column blocks of x [..., D] @ kernel [D, sum(widths)], of widths `widths`.
+
+  Forward: one matrix product, then slices (one weight read and one kernel launch: decoding
+  at small batches is bound by both). Backward: one product per block, summed in float32,
+  instead of concatenating the blocks' output gradients into one [..., sum(widths)] array
+  first (a full extra pass over the layer's widest activation in training).
+  """
+  y = _rows_matmul(x, kernel)
+  return tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
+
+
+def _split_matmul_fwd(x, kernel, widths):
+  return split_matmul(x, kernel, widths), (x, kernel)
+
+
+def _split_matmul_bwd(widths, residuals, grads):
+  x, kernel = residuals
+  starts = [0, *itertools.accumulate(widths)]
+  dx = sum(_rows_matmul(g.astype(x.dtype), kernel[:, a:b].T, preferred_element_type=jnp.float32)
+           for g, a, b in zip(grads, starts, starts[1:]))
+  dw = jnp.concatenate([_weight_grad(x, g.astype(x.dtype)) for g in grads], axis=1)
+  return dx.astype(x.dtype), dw.astype(kernel.dtype)
+
+
+split_matmul.defvjp(_split_matmul_fwd, _split_matmul_bwd)
+
+
+class SplitDense(nn.Module):
+  """`dense` whose output is returned as column blocks of `widths` (`split_matmul`).
+
+  The parameters are those of one `dense` layer (names, shapes, initialisation), as checkpoints
+  store them.
+  """
+  config: ModelConfig
+  widths: tuple[int, ...]
+  use_bias: bool
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
+    cfg = self.config
+    dtype, n = jnp.dtype(cfg.dtype), sum(self.widths)
+    kernel = self.param("kernel", weight_init(cfg), (x.shape[-1], n),
+                        jnp.dtype(cfg.param_dtype))
+    blocks = split_matmul(x.astype(dtype), kernel.astype(dtype), tuple(self.widths))
+    if not self.use_bias:
+      return blocks
+    bias = self.param("bias", nn.initializers.zeros, (n,), jnp.dtype(cfg.param_dtype))
+    starts = [0, *itertools.accumulate(self.widths)]
+    return tuple(y + bias[a:b].astype(dtype) for y, a, b in zip(blocks, starts, starts[1:]))
+
+
+@jax.custom_vjp
+def output_logits(x: jnp.ndarray, embedding_t: jnp.ndarray) -> jnp.ndarray:
+  """Logits [..., V] float32 = x [..., D] @ embedding_t [D, V], accumulated in float32.
+
+  The gradients are computed from the logits' cotangent cast to x's dtype: with bfloat16
+  compute the two backward products of the widest matrix of the model run on bf16 tensor
+  cores (as mixed-precision training does), not as float32 products of a float32 cotangent.
+  """
+  return _rows_matmul(x, embedding_t, preferred_element_type=jnp.float32)
+
+
+def _output_logits_fwd(x, embedding_t):
+  return output_logits(x, embedding_t), (x, embedding_t)
+
+
+def _output_logits_bwd(residuals, g):
+  x, embedding_t = residuals
+  g = g.astype(x.dtype)
+  dx = _rows_matmul(g, embedding_t.T, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), _weight_grad(x, g).astype(embedding_t.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * scale, computed in float32; returns the config's compute dtype."""
   config: ModelConfig
@@ -72,7 +163,7 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     cfg = self.config
-    y, gate = jnp.split(dense(cfg, 2 * cfg.mlp_inner, use_bias=False, name="fc1")(x), 2, axis=-1)
+    y, gate = SplitDense(cfg, (cfg.mlp_inner, cfg.mlp_inner), use_bias=False, name="fc1")(x)
     return dense(cfg, cfg.d_model, use_bias=False, output=True, name="fc2")(nn.silu(gate) * y)
 
 

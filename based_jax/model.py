@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from based_jax.cache import ModelCache, attention_capacity, check_cache
 from based_jax.checks import check_capacity, check_index_array, check_token_ids
 from based_jax.config import ModelConfig
-from based_jax.layers import RMSNorm, SwiGLU, matrix_dot_general, weight_init
+from based_jax.layers import RMSNorm, SwiGLU, output_logits, weight_init
 from based_jax.mixers import registry
 
 
@@ -95,10 +95,10 @@ class LanguageModel(nn.Module):
     x = RMSNorm(cfg, name="final_norm")(x)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-    logits = matrix_dot_general(x, embed.embedding.astype(x.dtype).T, (((2,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+    # A NaN row of the head's input makes every logit of that row NaN (cheaper than [B, T, V]).
     bad = _invalid_rows(cfg, tokens, lengths, logits_at, total, capacity)
-    logits = jnp.where(bad[:, None, None], jnp.nan, logits)
+    x = jnp.where(bad[:, None, None], jnp.nan, x)
+    logits = output_logits(x, embed.embedding.astype(x.dtype).T)
     if cache is None:
       return logits, None
     return logits, ModelCache(tuple(new_layers), total)

@@ -33,6 +33,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import json  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -46,7 +47,7 @@ from based_jax.model import LanguageModel, count_params  # noqa: E402
 from based_jax.training import flops, sharding, step as step_lib  # noqa: E402
 from based_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from experiments import child_process  # noqa: E402
-from experiments.benchmarking import parse_model, run_metadata  # noqa: E402
+from experiments.benchmarking import parse_model, profile_scopes, run_metadata  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m"],
                             "Model specs 'preset+field=value+...'.")
@@ -60,6 +61,9 @@ _ACCUM = flags.DEFINE_integer("grad_accum_steps", 1, "Micro-batches per step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per point (after 3 warm-up steps).")
 _OUT = flags.DEFINE_string("out", None, "Write <out>.json and <out>.md.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 300, "Per-point limit.")
+_PROFILE = flags.DEFINE_integer("profile_top", 0, "Also trace one step per point and record "
+                                 "its GPU time by layer kind and module, and this many of its "
+                                 "largest kernels (0: no profile).")
 _CHILD = flags.DEFINE_string("child_request", None, "Internal: run one point (child process).")
 
 WARMUP = 3
@@ -68,6 +72,38 @@ WARMUP = 3
 def _config(spec: str):
   preset, overrides = parse_model(spec)
   return get_config(preset, **{"dtype": "bfloat16", **overrides})
+
+
+def module_scope(layer_kinds: tuple[str, ...], op_name: str) -> str:
+  """Where an op of the train step belongs: "<layer kind> <module>" for the blocks (e.g.
+  "base_conv mixer", "sliding_window mlp", "attention residual"), "embed", "final_norm", "head" (the rest of the
+  model: the tied LM head), "loss" (the cross-entropy and its gradient) or "optimizer"."""
+  layer = re.search(r"/layers_(\d+)/(\w+)", op_name)
+  if layer:
+    module = layer[2] if layer[2] in ("mixer", "norm1", "norm2", "mlp") else "residual"
+    return f"{layer_kinds[int(layer[1])]} {module}"
+  for module in ("embed", "final_norm"):
+    if f"/{module}/" in op_name:
+      return module
+  if "LanguageModel" in op_name:
+    return "head"
+  return "loss" if "jvp(" in op_name or "transpose(" in op_name else "optimizer"
+
+
+def profile_step(step, state, data, layer_kinds, top: int) -> dict:
+  """GPU milliseconds per step by module scope, and the `top` largest (scope | kernel)."""
+  holder = [state]
+
+  def call():
+    holder[0], metrics = step(holder[0], data, None)
+    return metrics
+
+  text = step.lower(state, data, None).compile().as_text()
+  by_scope, by_kernel = profile_scopes(call, jax.block_until_ready, text,
+                                       lambda op: module_scope(layer_kinds, op))
+  return {"gpu_ms": sum(by_scope.values()) / 1e3,
+          "by_scope_ms": {k: v / 1e3 for k, v in by_scope.most_common()},
+          "top_kernels_ms": {k: v / 1e3 for k, v in by_kernel.most_common(top)}}
 
 
 def measure(request: dict, progress) -> dict:
@@ -102,6 +138,8 @@ def measure(request: dict, progress) -> dict:
     if child_process.is_oom(e):
       raise child_process.OutOfMemory("train_step", child_process.first_line(e)) from e
     raise
+  profile = (profile_step(step, state, data, config.layer_kinds, request["profile_top"])
+             if request["profile_top"] else None)
   tokens_per_s = batch * seq_len / seconds
   per_token = flops.train_flops_per_token(config, seq_len)
   peak = flops.peak_flops()
@@ -115,7 +153,7 @@ def measure(request: dict, progress) -> dict:
           "mfu": tokens_per_s * per_token / peak / devices if peak else None,
           "loss": loss, "warmup_s": compile_s,
           "peak_memory_gib": peak_bytes / 2**30,  # the fullest device
-          "implementations": implementations(config)}
+          "implementations": implementations(config), "profile": profile}
 
 
 def add_scaling(rows: list[dict]) -> None:
@@ -163,7 +201,8 @@ def main(argv):
       for devices in (int(d) for d in _DEVICES.value):
         request = {"model": spec, "seq_len": seq_len, "devices": devices,
                    "batch": _TOKENS.value // seq_len * devices,
-                   "grad_accum_steps": _ACCUM.value, "steps": _STEPS.value}
+                   "grad_accum_steps": _ACCUM.value, "steps": _STEPS.value,
+                   "profile_top": _PROFILE.value}
         try:
           row = child_process.run_child("experiments.bench_train", request, 0.95,
                                         _TIMEOUT.value)

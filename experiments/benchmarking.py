@@ -8,6 +8,7 @@ import gzip
 import importlib.metadata
 import json
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -71,18 +72,75 @@ def median_ms(call: Callable[[], object], sync: Callable[[object], object], *,
   return {"median_ms": statistics.median(times), "min_ms": min(times)}
 
 
-def kernel_times(trace_dir: str) -> collections.Counter:
-  """Microseconds per kernel name over the GPU streams of the trace in `trace_dir`."""
+def kernel_events(trace_dir: str) -> list[dict]:
+  """The GPU-stream events ("X" phase: name, dur in microseconds, args) of the trace in
+  `trace_dir`."""
   path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   events = json.load(gzip.open(path))
   events = events["traceEvents"] if isinstance(events, dict) else events
   gpu = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
          and "GPU" in e["args"]["name"]}
+  return [e for e in events if e.get("ph") == "X" and e["pid"] in gpu]
+
+
+def kernel_times(trace_dir: str) -> collections.Counter:
+  """Microseconds per kernel name over the GPU streams of the trace in `trace_dir`."""
   total = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e["pid"] in gpu:
-      total[e["name"]] += e.get("dur", 0)
+  for e in kernel_events(trace_dir):
+    total[e["name"]] += e.get("dur", 0)
   return total
+
+
+_HLO_OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*?metadata=\{[^}]*?"
+                          r"op_name=\"([^\"]+)\"", re.MULTILINE)
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> its source `op_name` metadata (the jax/Flax scope path), from a
+  compiled module's text; names also under their kernel spelling ('.' -> '_')."""
+  names = {}
+  for instruction, op_name in _HLO_OP_NAME.findall(hlo_text):
+    names.setdefault(instruction, op_name)
+    names.setdefault(instruction.replace(".", "_"), op_name)
+  return names
+
+
+# Kernel name fragments -> what they compute, for kernels the trace does not tie to an op.
+_KERNEL_FAMILIES = (("nvjet", "matmul"), ("gemm", "matmul"), ("cutlass", "matmul"),
+                    ("cudnn", "cuDNN attention"), ("taylor_attention", "Taylor kernels"),
+                    ("Memcpy", "copies"), ("Memset", "copies"))
+
+
+def kernel_family(kernel: str) -> str:
+  """'unattributed <family>' for a kernel whose HLO op the trace does not name: library
+  kernels (cuBLAS, cuDNN, Pallas) launched from a CUDA-graph command buffer lose theirs."""
+  family = next((f for part, f in _KERNEL_FAMILIES if part in kernel), "other")
+  return f"unattributed {family}"
+
+
+def profile_scopes(call: Callable[[], object], sync: Callable[[object], object],
+                   hlo_text: str, scope: Callable[[str], str],
+                   calls: int = 3) -> tuple[collections.Counter, collections.Counter]:
+  """GPU microseconds per call, by `scope(op_name)` of the HLO op that launched each kernel and
+  by "scope | kernel name": where one call of `call` (already compiled, its module's text
+  `hlo_text`) spends its time. A kernel whose op is not found counts under its
+  `kernel_family`."""
+  op_names = hlo_op_names(hlo_text)
+  by_scope, by_kernel = collections.Counter(), collections.Counter()
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(calls):
+        sync(call())
+    for e in kernel_events(trace_dir):
+      # The profiler names a library call's (cuBLAS, cuDNN, Pallas) source op itself; a fusion
+      # only by its module, so its op comes from the HLO text through its instruction name.
+      args = e.get("args", {})
+      op = args.get("name") if "/" in args.get("name", "") else next(
+          (op_names[a] for a in (args.get("hlo_op"), e["name"]) if a in op_names), None)
+      where = kernel_family(e["name"]) if op is None else scope(op)
+      by_scope[where] += e.get("dur", 0) / calls
+      by_kernel[f"{where} | {e['name']}"] += e.get("dur", 0) / calls
+  return by_scope, by_kernel
 
 
 def profile_kernels(call: Callable[[], object], sync: Callable[[object], object],

@@ -44,3 +44,34 @@ def test_profile_kernels_runs_the_call_under_the_profiler(monkeypatch):
 def test_run_metadata_records_the_command_line():
   meta = benchmarking.run_metadata("optax")
   assert meta["argv"] == sys.argv and "optax" in meta["versions"]
+
+
+def test_profile_scopes_attributes_kernels_to_their_source_ops(monkeypatch):
+  hlo = ('  %loop_add_fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%c, '
+         'metadata={op_type="add" op_name="jit(step)/layers_1/mlp/add" source_file="m.py"}\n'
+         '  ROOT %custom-call.7 = f32[4] custom-call(%x), metadata={op_name="jit(step)/x"}\n')
+  events = [
+      {"name": "loop_add_fusion_3", "dur": 30, "args": {"name": "jit(step)"}},  # HLO text
+      {"name": "nvjet_tst_128x128", "dur": 60,  # named by the profiler itself
+       "args": {"name": "jit(step)/layers_0/mixer/dot_general", "hlo_op": "custom-call.9"}},
+      {"name": "nvjet_tst_64x64", "dur": 90, "args": {}},  # nothing names it: its family
+      {"name": "cudnn_sdpa_bprop", "dur": 12, "args": {"hlo_op": "custom-call.7"}},
+  ]
+  monkeypatch.setattr(benchmarking, "kernel_events", lambda trace_dir: events)
+  by_scope, by_kernel = benchmarking.profile_scopes(
+      lambda: jnp.ones(2), lambda x: x, hlo, lambda op: op.split("/", 1)[1], calls=3)
+  assert by_scope == {"layers_1/mlp/add": 10, "layers_0/mixer/dot_general": 20,
+                      "unattributed matmul": 30, "x": 4}
+  assert by_kernel["unattributed matmul | nvjet_tst_64x64"] == 30
+
+
+def test_train_step_scopes_name_layer_kind_and_module():
+  from experiments.bench_train import module_scope  # pylint: disable=g-import-not-at-top
+  kinds = ("base_conv", "linear_attention")
+  prefix = "jit(train_step)/while/body/closed_call/transpose(jvp(LanguageModel))"
+  assert module_scope(kinds, f"{prefix}/layers_1/mixer/dot_general") == "linear_attention mixer"
+  assert module_scope(kinds, f"{prefix}/layers_0/add_any") == "base_conv residual"
+  assert module_scope(kinds, f"{prefix}/final_norm/mul") == "final_norm"
+  assert module_scope(kinds, f"{prefix}/dot_general") == "head"
+  assert module_scope(kinds, "jit(train_step)/while/body/closed_call/jvp()/log") == "loss"
+  assert module_scope(kinds, "jit(train_step)/jit(clip)/max") == "optimizer"

@@ -9,7 +9,7 @@ from based_jax import (LanguageModel, SamplingConfig, count_params, generate, ge
                        init_cache, init_params, state_size_bytes)
 from based_jax.cache import cache_bytes
 from based_jax.config import ModelConfig
-from based_jax.layers import matrix_dot_general
+from based_jax.layers import SplitDense, matrix_dot_general, output_logits
 from based_jax.sampling import sample_tokens
 from pallas_kernels.taylor_attention import TaylorState
 
@@ -236,3 +236,55 @@ def test_matrix_dot_general_equals_dot_general(shape):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="expected"):
     matrix_dot_general(x, w, (((1,), (0,)), ((), ())))
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_split_dense_equals_one_dense_then_split(use_bias):
+  """Same parameters as one Dense layer, same blocks and gradients (float64 reference)."""
+  config = get_config("based_tiny", dtype="float32", param_dtype="float32")
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  layer = SplitDense(config, (3, 6), use_bias=use_bias)
+  params = layer.init(jax.random.key(1), x)
+  shapes = {"kernel": (8, 9), **({"bias": (9,)} if use_bias else {})}
+  assert jax.tree.map(jnp.shape, params["params"]) == shapes
+  # Random biases too, so a bias block applied to the wrong columns shows.
+  params = jax.tree.map(lambda p: jax.random.normal(jax.random.key(2), p.shape), params)
+
+  def plain(params, x):  # float64 numpy-style: one product, then split
+    p = params["params"]
+    y = np.asarray(x, np.float64) @ np.asarray(p["kernel"], np.float64)
+    y = y + (np.asarray(p["bias"], np.float64) if use_bias else 0)
+    return y[..., :3], y[..., 3:]
+
+  for got, want in zip(layer.apply(params, x), plain(params, x)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.key(3), (2, 5, 9))
+  loss = lambda params, x: jnp.sum(jnp.concatenate(layer.apply(params, x), -1) * weights)
+  kernel = params["params"]["kernel"]
+  bias = params["params"].get("bias", jnp.zeros(9))
+  ref = lambda k, b, x: jnp.sum((x @ k + b) * weights)
+  got = jax.grad(loss, argnums=(0, 1))(params, x)
+  want = jax.grad(ref, argnums=(0, 1, 2))(kernel, bias, x)
+  np.testing.assert_allclose(got[0]["params"]["kernel"], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[2], rtol=1e-5, atol=1e-5)
+  if use_bias:
+    np.testing.assert_allclose(got[0]["params"]["bias"], want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_output_logits_gradients_match_the_plain_product():
+  """float32: the plain product's gradients; bfloat16: close to the float64 ones, with the
+  backward products taking a bfloat16 cotangent (dtype of the input gradients kept)."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 11))
+  probe = jax.random.normal(jax.random.key(2), (2, 3, 11))
+  for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+    xs, ws = x.astype(dtype), w.astype(dtype)
+    logits = output_logits(xs, ws)
+    assert logits.dtype == jnp.float32
+    dx, dw = jax.grad(lambda a, b: jnp.sum(output_logits(a, b) * probe), (0, 1))(xs, ws)
+    assert (dx.dtype, dw.dtype) == (dtype, dtype)
+    x64, w64, p64 = (np.asarray(a, np.float64) for a in (xs, ws, probe))
+    np.testing.assert_allclose(logits, x64 @ w64, rtol=tol, atol=tol * 4)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), p64 @ w64.T, rtol=tol, atol=tol * 4)
+    np.testing.assert_allclose(np.asarray(dw, np.float64),
+                               np.einsum("btd,btv->dv", x64, p64), rtol=tol, atol=tol * 8)

@@ -1,4 +1,5 @@
 """Causal softmax attention with rotary embeddings: sliding-window (BASED) or full (Transformer++).
+With `config.rotary` False queries and keys carry no position (the paper's MQAR models).
 
 Wqkv: D -> 3D packed, no bias; out_proj: D -> D, no bias; scale K^-1/2; softmax in float32.
 
@@ -6,13 +7,13 @@ Window convention: with `window = W` a query at position p sees positions p - W 
 and W earlier tokens. The released BASED configs say `window_size: 256` and their code halves it,
 so they see 128 earlier tokens: our presets say `window=128`.
 
-Cache: `S` slots of already-rotated keys and values, laid out [B, H, S, K'] (batch and head
-most major, so a decode step's dots are plain batched matrix-vector products over contiguous
-[S, K'] panels, with no transposed copy of the cache), plus the position each slot holds (-1
-when empty). Token at position p goes to slot p mod S. Sliding window: S = W + 1, a ring
-buffer. Full attention: S = max_len, so nothing is ever overwritten (callers check the length).
-K' is the head dim K, rounded up to a multiple of 8 only when decoding uses cuDNN (its kernels
-need that; the padding is zeros and changes no score).
+Cache: `S` slots of already-rotated keys (plain ones without rotary) and values, laid out
+[B, H, S, K'] (batch and head most major, so a decode step's dots are plain batched
+matrix-vector products over contiguous [S, K'] panels, with no transposed copy of the cache),
+plus the position each slot holds (-1 when empty). Token at position p goes to slot p mod S.
+Sliding window: S = W + 1, a ring buffer. Full attention: S = max_len, so nothing is ever
+overwritten (callers check the length). K' is the head dim K, rounded up to a multiple of 8 only
+when decoding uses cuDNN (its kernels need that; the padding is zeros and changes no score).
 
 One call serves four cases, chosen at trace time:
   - no cache (training, a plain forward): causal (windowed) attention within the call;
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
-from based_jax.layers import apply_rotary, dense
+from based_jax.layers import SplitDense, apply_rotary, dense
 
 _MASKED = -1e30
 # Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
@@ -49,7 +50,7 @@ PATHS = ("prefill", "decode", "chunked_prefill")
 
 
 class AttentionCache(NamedTuple):
-  k: jnp.ndarray  # [B, H, S, K'] rotated keys, compute dtype.
+  k: jnp.ndarray  # [B, H, S, K'] keys (rotated unless rotary=False), compute dtype.
   v: jnp.ndarray  # [B, H, S, K'] values, compute dtype.
   pos: jnp.ndarray  # [B, S] int32 position held by each slot, -1 if empty.
 
@@ -256,10 +257,12 @@ class Attention(nn.Module):
     h = cfg.attn_heads
     dtype = jnp.dtype(cfg.dtype)
     scale = (d // h) ** -0.5
-    qkv = dense(cfg, 3 * d, use_bias=False, name="Wqkv")(x).reshape(b, t, 3, h, d // h)
-    q = apply_rotary(qkv[:, :, 0], positions, cfg.rope_base, cfg.rotary_dims).astype(dtype)
-    k = apply_rotary(qkv[:, :, 1], positions, cfg.rope_base, cfg.rotary_dims).astype(dtype)
-    v = qkv[:, :, 2].astype(dtype)
+    q, k, v = (y.reshape(b, t, h, d // h)
+               for y in SplitDense(cfg, (d, d, d), use_bias=False, name="Wqkv")(x))
+    if cfg.rotary:  # every path below (and the cache) sees q and k as they are here
+      q = apply_rotary(q, positions, cfg.rope_base, cfg.rotary_dims)
+      k = apply_rotary(k, positions, cfg.rope_base, cfg.rotary_dims)
+    q, k = q.astype(dtype), k.astype(dtype)
     valid = jnp.ones((b, t), bool) if lengths is None else jnp.arange(t) < lengths[:, None]
     key_pos = jnp.where(valid, positions, -1)
 

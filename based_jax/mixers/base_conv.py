@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
-from based_jax.layers import dense, weight_init
+from based_jax.layers import SplitDense, dense, weight_init
 from based_jax.mixers.short_conv import causal_conv
 
 
@@ -50,7 +50,7 @@ class BaseConv(nn.Module):
     cfg = self.config
     d = x.shape[-1]
     taps = cfg.conv_kernel
-    u1, u2 = jnp.split(dense(cfg, 4 * d, use_bias=True, name="in_proj")(x), 2, axis=-1)
+    u1, u2 = SplitDense(cfg, (2 * d, 2 * d), use_bias=True, name="in_proj")(x)
     kernel = self.param("conv_kernel", weight_init(cfg), (taps, 2 * d),
                         jnp.dtype(cfg.param_dtype))
     conv, history = causal_conv(u1, kernel, None if cache is None else cache.x, lengths)

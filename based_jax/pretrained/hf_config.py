@@ -282,8 +282,9 @@ def to_hf_config(config: ModelConfig) -> dict:
   Raises:
     ValueError when the reference cannot express the model: a mixer kind or feature map it
     lacks, no MLP (mlp_inner 0), a SwiGLU width no GatedMlp builds (not a multiple of 128;
-    based's own class needs 256), or BaseConv, linear, sliding-window and full attention
-    layers all in one model (it has three mixer slots).
+    based's own class needs 256), attention without rotary embeddings (`rotary` False: the
+    mapping has rotary attention only), or BaseConv, linear, sliding-window and full
+    attention layers all in one model (it has three mixer slots).
   """
   if config.mlp_inner <= 0 or config.mlp_inner % min(GATED_MLP_MULTIPLES):
     raise ValueError(f"mlp_inner={config.mlp_inner}: every reference block has a GatedMlp, "
@@ -296,6 +297,9 @@ def to_hf_config(config: ModelConfig) -> dict:
   if others:
     raise ValueError(f"the reference's BASED model has no {others} layers; it has BaseConv, "
                      "Taylor linear attention, sliding-window and full attention")
+  if not config.rotary and {config_lib.SLIDING_WINDOW, config_lib.ATTENTION} & set(kinds):
+    raise ValueError("rotary=False: the reference's attention is written here with rotary "
+                     "embeddings only (rotary_emb_fraction > 0), so it would add positions")
   if config_lib.LINEAR_ATTENTION in kinds and config.la_feature_map != "taylor":
     raise ValueError(f"la_feature_map={config.la_feature_map!r}: the reference's linear "
                      "attention is written here with its Taylor feature map only")
