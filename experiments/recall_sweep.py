@@ -43,11 +43,11 @@ class Grid:
   steps: Optional[int] = None  # total_steps override; None: the run preset's schedule.
 
 
-def _figure2(widths, mamba_widths, windows, based_widths, feature_dims, mamba_states=(8, 16, 24),
-             hyena_horizon=1024) -> list[Point]:
+def _figure2(widths, mamba_widths, windows, based_widths, feature_dims, attention_widths,
+             mamba_states=(8, 16, 24), hyena_horizon=1024) -> list[Point]:
   """Every mixer of the paper's Figure 2 (and RWKV, GLA), over widths and state sizes."""
   points = [Point(f"attention d={d}", "attention", "mqar_attention", dict(d_model=d))
-            for d in based_widths[:2]]
+            for d in attention_widths]
   points += [Point(f"BASED d={d} d'={f}", "BASED", "mqar_based",
                    dict(d_model=d, la_feature_dim=f))
              for d in based_widths for f in feature_dims]
@@ -78,10 +78,13 @@ def _figure3(widths, taylor_dims) -> list[Point]:
 
 GRIDS: dict[str, Grid] = {
     # The paper's Figure 2 on its schedule (mqar_paper: 32 epochs, batch 256, four lrs).
+    # Widths as its configs (zoology arxiv24_based_figure2): BASED d 48 / 64 / 128 (and 256),
+    # H3 and Hyena d 64 .. 256.
     "paper_figure2": Grid(tuple(_figure2(
-        widths=(64, 128, 256, 512), mamba_widths=(64, 128, 256),
-        windows=(8, 16, 32, 64, 128, 256, 512, 1024), based_widths=(64, 128, 256),
-        feature_dims=(8, 16, 24))), run="mqar_paper", lrs=PAPER_LRS),
+        widths=(64, 128, 256), mamba_widths=(64, 128, 256),
+        windows=(8, 16, 32, 64, 128, 256, 512, 1024), based_widths=(48, 64, 128, 256),
+        feature_dims=(8, 16, 24), attention_widths=(64, 128))), run="mqar_paper",
+        lrs=PAPER_LRS),
     # The paper's Figure 3: every feature map at d_model 64 .. 512.
     "paper_figure3": Grid(tuple(_figure3(widths=tuple(range(64, 513, 64)), taylor_dims=(16, 24))),
                           run="mqar_paper", lrs=PAPER_LRS),
@@ -89,7 +92,8 @@ GRIDS: dict[str, Grid] = {
     # schedule (mqar_small: 128-token training sequences, test up to 256), two lrs.
     "cpu_figure2": Grid(tuple(_figure2(
         widths=(64,), mamba_widths=(64,), windows=(16, 64), based_widths=(64,),
-        feature_dims=(16,), mamba_states=(16,), hyena_horizon=256)), run="mqar_small",
+        feature_dims=(16,), attention_widths=(64,), mamba_states=(16,), hyena_horizon=256)),
+        run="mqar_small",
         lrs=(1e-3, 3.2e-3), steps=400),
     "cpu_figure3": Grid(tuple(_figure3(widths=(64,), taylor_dims=(16, 24))), run="mqar_small",
                         lrs=(1e-3, 3.2e-3), steps=400),
