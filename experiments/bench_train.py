@@ -33,7 +33,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import json  # noqa: E402
-import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -47,7 +46,8 @@ from based_jax.model import LanguageModel, count_params  # noqa: E402
 from based_jax.training import flops, sharding, step as step_lib  # noqa: E402
 from based_jax.training.optimizer import OptimizerConfig, make_optimizer  # noqa: E402
 from experiments import child_process  # noqa: E402
-from experiments.benchmarking import parse_model, profile_scopes, run_metadata  # noqa: E402
+from experiments.benchmarking import (module_scope, parse_model, profile_scopes,  # noqa: E402
+                                     run_metadata)
 
 _MODELS = flags.DEFINE_list("models", ["based_360m", "transformer_pp_360m"],
                             "Model specs 'preset+field=value+...'.")
@@ -72,22 +72,6 @@ WARMUP = 3
 def _config(spec: str):
   preset, overrides = parse_model(spec)
   return get_config(preset, **{"dtype": "bfloat16", **overrides})
-
-
-def module_scope(layer_kinds: tuple[str, ...], op_name: str) -> str:
-  """Where an op of the train step belongs: "<layer kind> <module>" for the blocks (e.g.
-  "base_conv mixer", "sliding_window mlp", "attention residual"), "embed", "final_norm", "head" (the rest of the
-  model: the tied LM head), "loss" (the cross-entropy and its gradient) or "optimizer"."""
-  layer = re.search(r"/layers_(\d+)/(\w+)", op_name)
-  if layer:
-    module = layer[2] if layer[2] in ("mixer", "norm1", "norm2", "mlp") else "residual"
-    return f"{layer_kinds[int(layer[1])]} {module}"
-  for module in ("embed", "final_norm"):
-    if f"/{module}/" in op_name:
-      return module
-  if "LanguageModel" in op_name:
-    return "head"
-  return "loss" if "jvp(" in op_name or "transpose(" in op_name else "optimizer"
 
 
 def profile_step(step, state, data, layer_kinds, top: int) -> dict:

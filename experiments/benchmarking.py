@@ -1,5 +1,5 @@
-"""Shared benchmark helpers: model specs, timing, GPU time per kernel, the copy-bandwidth
-ceiling, metadata."""
+"""Shared benchmark helpers: model specs, timing, GPU time per kernel and per source op, the
+copy-bandwidth ceiling, metadata."""
 
 import collections
 import datetime
@@ -153,6 +153,23 @@ def profile_kernels(call: Callable[[], object], sync: Callable[[object], object]
         sync(call())
     total = kernel_times(trace_dir)
   return collections.Counter({name: us / calls for name, us in total.items()})
+
+
+def module_scope(layer_kinds: tuple[str, ...], op_name: str) -> str:
+  """Where an op of a train step (its `op_name` metadata) belongs: "<layer kind> <module>" for
+  the blocks (e.g. "base_conv mixer", "sliding_window mlp", "attention residual"), "embed",
+  "final_norm", "head" (the rest of the model: the tied LM head), "loss" (the cross-entropy
+  and its gradient) or "optimizer"."""
+  layer = re.search(r"/layers_(\d+)/(\w+)", op_name)
+  if layer:
+    module = layer[2] if layer[2] in ("mixer", "norm1", "norm2", "mlp") else "residual"
+    return f"{layer_kinds[int(layer[1])]} {module}"
+  for module in ("embed", "final_norm"):
+    if f"/{module}/" in op_name:
+      return module
+  if "LanguageModel" in op_name:
+    return "head"
+  return "loss" if "jvp(" in op_name or "transpose(" in op_name else "optimizer"
 
 
 def copy_bandwidth() -> float:

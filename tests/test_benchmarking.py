@@ -66,12 +66,11 @@ def test_profile_scopes_attributes_kernels_to_their_source_ops(monkeypatch):
 
 
 def test_train_step_scopes_name_layer_kind_and_module():
-  from experiments.bench_train import module_scope  # pylint: disable=g-import-not-at-top
-  kinds = ("base_conv", "linear_attention")
+  scope = lambda op: benchmarking.module_scope(("base_conv", "linear_attention"), op)
   prefix = "jit(train_step)/while/body/closed_call/transpose(jvp(LanguageModel))"
-  assert module_scope(kinds, f"{prefix}/layers_1/mixer/dot_general") == "linear_attention mixer"
-  assert module_scope(kinds, f"{prefix}/layers_0/add_any") == "base_conv residual"
-  assert module_scope(kinds, f"{prefix}/final_norm/mul") == "final_norm"
-  assert module_scope(kinds, f"{prefix}/dot_general") == "head"
-  assert module_scope(kinds, "jit(train_step)/while/body/closed_call/jvp()/log") == "loss"
-  assert module_scope(kinds, "jit(train_step)/jit(clip)/max") == "optimizer"
+  assert scope(f"{prefix}/layers_1/mixer/dot_general") == "linear_attention mixer"
+  assert scope(f"{prefix}/layers_0/add_any") == "base_conv residual"
+  assert scope(f"{prefix}/final_norm/mul") == "final_norm"
+  assert scope(f"{prefix}/dot_general") == "head"
+  assert scope("jit(train_step)/while/body/closed_call/jvp()/log") == "loss"
+  assert scope("jit(train_step)/jit(clip)/max") == "optimizer"
