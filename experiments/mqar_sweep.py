@@ -24,6 +24,8 @@ _LRS = flags.DEFINE_list("lrs", None, "Learning rates tried per point (default: 
 _STEPS = flags.DEFINE_integer("steps", None, "Override total_steps (default: the grid's, else "
                               "the run preset's); warm-up is capped at a tenth of it.")
 _RUN_SET = flags.DEFINE_multi_string("run_set", [], "Run field override, field=value.")
+_MODEL_SET = flags.DEFINE_multi_string("model_set", [], "Model field override for every point, "
+                                       "field=value (e.g. dtype=bfloat16).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent of the per-run workdirs.")
 _OUT = flags.DEFINE_string("out", "experiments/results/mqar_sweep", "Output path prefix.")
 _POINTS = flags.DEFINE_list("points", None, "Indices of the grid points to run (default all).")
@@ -49,6 +51,8 @@ def main(argv):
               "lrs": [float(lr) for lr in (_LRS.value or grid.lrs)],
               "steps": _STEPS.value if _STEPS.value is not None else grid.steps,
               "run_set": list(_RUN_SET.value)}
+  if _MODEL_SET.value:  # only when given: sweeps written before the flag keep their settings
+    settings["model_set"] = list(_MODEL_SET.value)
   complete = sweep(points, settings, _OUT.value, _WORKDIR.value,
                    lambda run, config, workdir: train(run, config, workdir)[0], _DEADLINE.value)
   sys.exit(0 if complete else 3)

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from based_jax.config import get_config
+from based_jax.config import ModelConfig, get_config
 from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
 from experiments.benchmarking import run_metadata
 
@@ -205,7 +205,8 @@ def run_name(settings: dict, point: Point, lr: float) -> str:
   """The workdir of one run: every setting that changes what it trains."""
   fields = "_".join(f"{k}{v}" for k, v in point.fields.items())
   steps = "" if settings["steps"] is None else f"_steps{settings['steps']}"
-  extra = "".join(f"_{a.replace('=', '')}" for a in settings["run_set"])
+  extra = "".join(f"_{a.replace('=', '')}"
+                  for a in settings["run_set"] + settings.get("model_set", []))
   return f"{settings['run']}_{point.preset}_{fields}{steps}{extra}_lr{lr:g}"
 
 
@@ -219,7 +220,8 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
   """Trains every point not already in <out>.json at every lr; True when all are done.
 
   `train(run, model_config, workdir) -> summary` (`based_jax.training.trainer.train`'s first
-  result); settings: {"grid", "run", "lrs", "steps", "run_set"}."""
+  result); settings: {"grid", "run", "lrs", "steps", "run_set"} and optionally "model_set",
+  model field overrides for every point after its own fields (e.g. ["dtype=bfloat16"])."""
   base = get_run_config(settings["run"])
   if settings["steps"] is not None:
     base = base.replace(optimizer=dataclasses.replace(
@@ -243,8 +245,9 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
           base.optimizer, learning_rate=float(lr)))
       print(f"=== {point.label}, lr {lr:g}")
       tick = time.monotonic()
-      summary = train(run, get_config(point.preset, **point.fields),
-                      os.path.join(workdir, run_name(settings, point, lr)))
+      model = get_config(point.preset, **{
+          **point.fields, **parse_assignments(ModelConfig, settings.get("model_set", []))})
+      summary = train(run, model, os.path.join(workdir, run_name(settings, point, lr)))
       if "interrupted" in summary:
         print(f"stopped by {summary['interrupted']}: rerun the same command to continue")
         return False

@@ -93,3 +93,18 @@ def test_pareto_frontier_is_the_non_dominated_points():
   pts = [{"label": label, "state_bytes": s, "accuracy": a} for label, s, a in [
       ("a", 10, 0.2), ("b", 20, 0.1), ("c", 20, 0.5), ("d", 40, 0.5), ("e", 80, 0.9)]]
   assert [p["label"] for p in recall_sweep.pareto_frontier(pts)] == ["a", "c", "e"]
+
+
+def test_model_set_changes_every_points_model(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5,
+              "run_set": [], "model_set": ["dtype=bfloat16"]}
+  seen = []
+
+  def train(run, config, workdir):
+    seen.append((config.dtype, config.d_model, os.path.basename(workdir)))
+    return fake_summary(config, run.optimizer.learning_rate)
+
+  assert recall_sweep.sweep(points, settings, str(tmp_path / "sweep"), str(tmp_path), train)
+  assert [s[:2] for s in seen] == [("bfloat16", 32), ("bfloat16", 32)]  # the point's d kept
+  assert all("dtypebfloat16" in s[2] for s in seen)  # its own workdirs
