@@ -1,6 +1,7 @@
 """The baseline mixers (Mamba, H3, Hyena, RWKV, GLA) compute one function whether run whole, in
 chunks with a cache or per token, forward and backward; their recurrences match plain loops;
-padding stays out of their caches; their state counts match their caches."""
+padding stays out of their caches; their state counts match their caches; at the MQAR presets'
+initialisation their long-range paths carry signal."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ from mixer_runs import rel, run_in_pieces
 
 from based_jax import generate, init_cache, init_params, state_size_bytes
 from based_jax.cache import init_layer_cache
-from based_jax.config import MixerKind, ModelConfig
+from based_jax.config import MixerKind, ModelConfig, get_config
 from based_jax.mixers import linear_recurrence, long_conv, mamba
 from based_jax.model import LanguageModel, make_mixer
 
@@ -163,6 +164,42 @@ def test_fft_causal_conv_equals_direct_convolution():
       want[:, t] += h[lag] * x[:, t - lag]
   np.testing.assert_allclose(long_conv.fft_causal_conv(jnp.asarray(x), jnp.asarray(h)), want,
                              rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+def gains_at_init(preset, kind, t=32, b=2, far=8):
+  """At `preset`'s initialisation, for inputs of unit scale (a block's RMSNorm output): the
+  mixer's gain |y| / |x| and the last output's sensitivity to tokens more than `far` back
+  (past the short convolutions' reach) relative to its sensitivity to the current token."""
+  config = get_config(preset)
+  mixer = make_mixer(config, kind, "mixer")
+  x = jax.random.normal(jax.random.key(0), (b, t, config.d_model))
+  positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  params = jax.jit(mixer.init)(jax.random.key(1), x, positions, None, None)
+  y, vjp = jax.vjp(lambda x: mixer.apply(params, x, positions, None, None)[0], x)
+  probe = jnp.zeros_like(y).at[:, -1].set(jax.random.normal(jax.random.key(2), y[:, -1].shape))
+  (g,) = vjp(probe)
+  gain = float(jnp.linalg.norm(y) / jnp.linalg.norm(x))
+  return gain, float(jnp.linalg.norm(g[:, :-far]) / jnp.linalg.norm(g[:, -1]))
+
+
+def test_mamba_ssm_reaches_past_its_conv_at_init():
+  # Beyond the conv's 4 taps only the selective SSM (C . h, against the skip D x) carries a
+  # token. Its drive dt x B and readout C are products of the conv's output: conv taps of
+  # N(0, 0.02) left about 1e-7 of the current token's weight to those tokens (no learning on
+  # MQAR); taps and bias of PyTorch's Conv1d scale give about 1e-4.
+  gain, far = gains_at_init("mqar_mamba", MixerKind.MAMBA)
+  assert far > 1e-5, far
+  assert gain > 1e-3, gain
+
+
+def test_hyena_gates_carry_signal_at_init():
+  # y = x2 * (h * (x1 v) + skip x1 v) is cubic in the short conv's outputs: N(0, 0.02) taps
+  # made the mixer's gain about 1e-7; taps and bias of PyTorch's Conv1d scale give about 1e-2.
+  gain, far = gains_at_init("mqar_hyena", MixerKind.HYENA)
+  assert gain > 1e-3, gain
+  assert far > 1e-2, far
 
 
 # ----------------------------------------------------------------------------- state sizes

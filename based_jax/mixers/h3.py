@@ -5,7 +5,8 @@ Shapes use the dimension letters of `based_jax/__init__.py`; N = config.ssm_stat
 heads of P = H3_HEAD_DIM channels, M = N / 2 complex modes per head.
 
   q, k, v = q_proj(u), k_proj(u), v_proj(u)                    D -> D each, bias
-  k = shift(k) + shift_skip * k     shift SSM = a causal FIR of N taps per channel
+  k = shift(k) + shift_skip * k     shift SSM = a causal FIR of N taps per channel (taps
+                                    U(+-1/sqrt(N)), the reference's Conv1d-style init)
   kv[g, i, j] = k[g, i] v[g, j]     per head: P x P products
   s = ssm_g(kv) + ssm_skip_g * kv   diagonal SSM per head (S4D-Lin, ZOH), kernel
                                     K_g[l] = 2 Re(sum_m C_gm Bbar_gm Abar_gm^l)
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from based_jax.config import H3_HEAD_DIM, ModelConfig
 from based_jax.layers import dense
 from based_jax.mixers.long_conv import fft_causal_conv
-from based_jax.mixers.short_conv import causal_conv
+from based_jax.mixers.short_conv import causal_conv, fan_in_uniform
 
 DT_MIN, DT_MAX = 1e-3, 1e-1  # range of the initial SSM step sizes (log-uniform)
 
@@ -98,7 +99,7 @@ class H3(nn.Module):
     q = dense(cfg, d, use_bias=True, name="q_proj")(u).astype(jnp.float32)
     k = dense(cfg, d, use_bias=True, name="k_proj")(u)
     v = dense(cfg, d, use_bias=True, name="v_proj")(u).astype(jnp.float32)
-    shift_kernel = self.param("shift_kernel", nn.initializers.normal(n**-0.5), (n, d),
+    shift_kernel = self.param("shift_kernel", fan_in_uniform(n), (n, d),
                               jnp.dtype(cfg.param_dtype))
     shift_skip = self.param("shift_skip", nn.initializers.normal(1.0), (d,), jnp.float32)
     shifted, history = causal_conv(k, shift_kernel, None if cache is None else cache.shift,

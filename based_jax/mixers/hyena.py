@@ -4,7 +4,8 @@ Shapes use the dimension letters of `based_jax/__init__.py`; L = config.horizon 
 filter's length (its longest lag) and O = FILTER_WIDTH the filter network's width.
 
   [x1, x2, v] = short_conv(in_proj(u))      D -> 3D (bias), causal depthwise conv of
-                                            config.conv_kernel taps (bias)
+                                            config.conv_kernel taps (bias; taps and bias
+                                            U(+-1/sqrt(taps)), PyTorch's Conv1d init)
   z = x1 * v
   y = x2 * (h * z + filter_skip * z)        h [L, D]: the causal long filter, by FFT
   out = out_proj(y)                         D -> D, bias
@@ -24,9 +25,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
-from based_jax.layers import dense, weight_init
+from based_jax.layers import dense
 from based_jax.mixers.long_conv import fft_causal_conv
-from based_jax.mixers.short_conv import causal_conv, last_inputs
+from based_jax.mixers.short_conv import causal_conv, fan_in_uniform, last_inputs
 
 FILTER_WIDTH = 64  # width of the implicit filter's MLP
 FILTER_HIDDEN = 2  # hidden layers of that MLP
@@ -102,8 +103,9 @@ class Hyena(nn.Module):
     b, t, d = u.shape
     pdtype = jnp.dtype(cfg.param_dtype)
     proj = dense(cfg, 3 * d, use_bias=True, name="in_proj")(u)
-    kernel = self.param("conv_kernel", weight_init(cfg), (cfg.conv_kernel, 3 * d), pdtype)
-    conv_bias = self.param("conv_bias", nn.initializers.zeros, (3 * d,), pdtype)
+    kernel = self.param("conv_kernel", fan_in_uniform(cfg.conv_kernel), (cfg.conv_kernel, 3 * d),
+                        pdtype)
+    conv_bias = self.param("conv_bias", fan_in_uniform(cfg.conv_kernel), (3 * d,), pdtype)
     proj, short = causal_conv(proj, kernel, None if cache is None else cache.short, lengths)
     proj = proj.astype(jnp.float32) + conv_bias.astype(jnp.float32)
     x1, x2, v = jnp.split(proj, 3, axis=-1)

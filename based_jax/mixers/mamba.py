@@ -4,10 +4,11 @@ Shapes use the dimension letters of `based_jax/__init__.py`; I = EXPAND * D is t
 N = config.ssm_state, R = ceil(D / 16) the rank of the step-size projection.
 
   [x, z] = in_proj(u)                      D -> 2I, no bias
-  x = silu(conv(x) + conv_bias)            causal depthwise conv of CONV_TAPS taps
+  x = silu(conv(x) + conv_bias)            causal depthwise conv of CONV_TAPS taps (taps and
+                                           bias U(+-1/sqrt(CONV_TAPS)), PyTorch's Conv1d init)
   [dt, B, C] = x_proj(x)                   I -> R + 2N, no bias
-  dt = softplus(dt_proj(dt))               R -> I, bias (initialised so dt lies in
-                                           [DT_MIN, DT_MAX])
+  dt = softplus(dt_proj(dt))               R -> I, kernel U(+-1/sqrt(R)), bias initialised
+                                           so dt lies in [DT_MIN, DT_MAX] (log-uniform)
   h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t      per channel i: h [N], A = -exp(A_log) [I, N]
   y_t = C_t . h_t + D_skip x_t;  out = out_proj(y * silu(z))     I -> D, no bias
 
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
-from based_jax.layers import dense, weight_init
-from based_jax.mixers.short_conv import causal_conv
+from based_jax.layers import dense
+from based_jax.mixers.short_conv import causal_conv, fan_in_uniform
 
 EXPAND = 2  # inner width I = EXPAND * D
 CONV_TAPS = 4  # taps of the causal conv before the SSM
@@ -70,13 +71,6 @@ def _dt_bias_init(key, shape, dtype):
   dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(DT_MAX) - math.log(DT_MIN))
                + math.log(DT_MIN))
   return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
-
-
-def _symmetric_uniform(scale: float):
-  """Uniform in [-scale, scale): the step-size projection's kernel."""
-  def init(key, shape, dtype):
-    return jax.random.uniform(key, shape, dtype, -scale, scale)
-  return init
 
 
 def _a_log_init(key, shape, dtype):
@@ -142,14 +136,14 @@ class Mamba(nn.Module):
     inner, n, rank = EXPAND * d, cfg.ssm_state, dt_rank(d)
     pdtype = jnp.dtype(cfg.param_dtype)
     x, z = jnp.split(dense(cfg, 2 * inner, use_bias=False, name="in_proj")(u), 2, axis=-1)
-    kernel = self.param("conv_kernel", weight_init(cfg), (CONV_TAPS, inner), pdtype)
-    conv_bias = self.param("conv_bias", nn.initializers.zeros, (inner,), pdtype)
+    kernel = self.param("conv_kernel", fan_in_uniform(CONV_TAPS), (CONV_TAPS, inner), pdtype)
+    conv_bias = self.param("conv_bias", fan_in_uniform(CONV_TAPS), (inner,), pdtype)
     x, history = causal_conv(x, kernel, None if cache is None else cache.conv, lengths)
     x = nn.silu(x + conv_bias.astype(x.dtype)).astype(jnp.float32)
     dbc = dense(cfg, rank + 2 * n, use_bias=False, name="x_proj")(x.astype(u.dtype))
     dt, b_in, c_out = jnp.split(dbc.astype(jnp.float32), [rank, rank + n], axis=-1)
     dt_proj = nn.Dense(inner, name="dt_proj", param_dtype=pdtype,
-                       kernel_init=_symmetric_uniform(rank**-0.5), bias_init=_dt_bias_init)
+                       kernel_init=fan_in_uniform(rank), bias_init=_dt_bias_init)
     dt = jax.nn.softplus(dt_proj(dt))
     if lengths is not None:
       dt = jnp.where((jnp.arange(t) < lengths[:, None])[..., None], dt, 0.0)
