@@ -14,6 +14,8 @@ import numbers
 import typing
 from typing import Iterable
 
+from pallas_kernels.rms_norm import IMPLEMENTATIONS as NORM_IMPLS
+from pallas_kernels.selective_scan import IMPLEMENTATIONS as SSM_IMPLS
 from pallas_kernels.taylor_attention import IMPLEMENTATIONS as LINEAR_ATTENTION_IMPLS
 
 
@@ -127,6 +129,14 @@ class ModelConfig:
   # One decoded token against the cache: "auto" (= "xla": an einsum over the cache), "xla" or
   # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8).
   attention_decode_impl: str = "auto"
+  # Residual adds and RMSNorms (pallas_kernels.rms_norm.IMPLEMENTATIONS): "auto" (= "xla" until
+  # a GPU measurement says otherwise, docs/kernels.md), "xla", "pallas" (the fused add + norm
+  # Pallas kernels, GPU) or "pallas_interpret" (the same kernels interpreted; tests).
+  norm_impl: str = "auto"
+  # Mamba's selective scan in training and prefill (pallas_kernels.selective_scan's
+  # IMPLEMENTATIONS): "auto" (= "xla" until a GPU measurement decides), "xla" (associative
+  # scan), "pallas" (the Pallas kernels; GPU) or "pallas_interpret" (them in the interpreter).
+  ssm_impl: str = "auto"
   # Rematerialisation in training: "none" keeps every activation for the backward pass,
   # "block" recomputes each residual block's insides from its input (less memory, ~1/3 more
   # compute). The function and the parameters are the same.
@@ -150,6 +160,8 @@ class ModelConfig:
                           ("linear_attention_impl", LINEAR_ATTENTION_IMPLS),
                           ("attention_impl", ATTENTION_IMPLS),
                           ("attention_decode_impl", ATTENTION_IMPLS),
+                          ("norm_impl", NORM_IMPLS),
+                          ("ssm_impl", SSM_IMPLS),
                           ("remat", REMAT_POLICIES),
                           ("la_feature_map", FEATURE_MAPS)):
       if getattr(self, name) not in allowed:

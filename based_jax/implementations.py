@@ -2,7 +2,9 @@
 
 The answer comes from the resolvers the mixers dispatch on (`resolve` of
 `pallas_kernels.taylor_attention.api` for linear attention, `resolve_implementation` of
-`based_jax.mixers.attention` for softmax attention), so it is what runs: a function of the
+`based_jax.mixers.attention` for softmax attention, `resolve` of
+`pallas_kernels.selective_scan.api` for Mamba's scan, `resolve` of `pallas_kernels.rms_norm.api`
+for the residual stream's add + RMSNorm), so it is what runs: a function of the
 config and of the backend of this process, not of the batch or the sequence length.
 """
 
@@ -13,6 +15,8 @@ from based_jax import config as config_lib
 from based_jax.config import ModelConfig
 from based_jax.mixers import attention
 from based_jax.mixers.linear_attention import init_linear_attention_cache
+from pallas_kernels.rms_norm import api as norm_api
+from pallas_kernels.selective_scan import api as ssm_api
 from pallas_kernels.taylor_attention import api as taylor_api
 
 LINEAR_ATTENTION_PATHS = ("chunked", "decode")
@@ -35,13 +39,17 @@ def linear_attention_implementation(config: ModelConfig, path: str) -> str:
 def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
   """The implementation of every path of the config's mixers on this process's backend, e.g.
   {"linear_attention": {"chunked": "pallas", "decode": "xla"},
-   "attention": {"prefill": "cudnn", "decode": "xla", "chunked_prefill": "xla"}}.
+   "attention": {"prefill": "cudnn", "decode": "xla", "chunked_prefill": "xla"},
+   "mamba": {"scan": "xla", "decode": "xla"}, "norm": {"add_rms_norm": "xla"}}.
 
   Only the mixer kinds the config has appear; "attention" covers sliding-window and full
   attention, which share their settings. Paths: linear attention 'chunked' (a prefill chunk)
   and 'decode'; softmax attention 'prefill' (within the call: training, the first prefill
-  chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache). A 'cudnn'
-  prefill holds unless the call warned that cuDNN rejected it (see `resolve_implementation`).
+  chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache); Mamba
+  'scan' (several tokens: training, prefill; `ssm_impl`) and 'decode' (one token with a cache:
+  always the XLA step). "norm" (every model) is the residual stream's add + RMSNorm
+  (`norm_impl`). A 'cudnn' prefill holds unless the call warned that cuDNN rejected it
+  (see `resolve_implementation`).
   """
   kinds = set(config.layer_kinds)
   out = {}
@@ -51,4 +59,12 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
   if kinds & {config_lib.SLIDING_WINDOW, config_lib.ATTENTION}:
     out["attention"] = {path: attention.resolve_implementation(config, path)
                         for path in attention.PATHS}
+  if config_lib.MixerKind.MAMBA in kinds:
+    out["mamba"] = {"scan": ssm_api.resolve(config.ssm_impl, backend=jax.default_backend()),
+                    "decode": "xla"}
+  compute = jnp.dtype(config.dtype)
+  out["norm"] = {"add_rms_norm": norm_api.resolve(
+      config.norm_impl, width=config.d_model,
+      dtypes=(jnp.float32, compute, jnp.dtype(config.param_dtype), compute),
+      backend=jax.default_backend())}
   return out

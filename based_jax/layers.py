@@ -1,4 +1,4 @@
-"""Building blocks shared by the mixers: initialisers, RMSNorm, SwiGLU MLP, rotary embeddings.
+"""Building blocks shared by the mixers: initialisers, add + RMSNorm, SwiGLU, rotary embeddings.
 
 Shapes use the dimension letters of `based_jax/__init__.py`.
 """
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
+from pallas_kernels.rms_norm import add_rms_norm, rms_norm
 
 
 def weight_init(config: ModelConfig) -> nn.initializers.Initializer:
@@ -143,17 +144,26 @@ def _output_logits_bwd(residuals, g):
 output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
 
 
-class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32; returns the config's compute dtype."""
+class AddRMSNorm(nn.Module):
+  """The residual stream's add and RMSNorm in one call: (x, delta) -> (x + delta, its norm).
+
+  x [B, T, D] float32 is the residual stream and delta [B, T, D] (any float dtype, added in
+  float32) the output of the layer before, or None (nothing to add: x passes through). The
+  norm is x / rms(x) * scale, computed in float32 (eps `norm_eps`), in the config's compute
+  dtype. `pallas_kernels.rms_norm` computes both (`norm_impl`): with the Pallas kernels the add
+  and the norm are one pass over the stream, forward and backward.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],),
-                       jnp.dtype(self.config.param_dtype))
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.config.norm_eps)
-    return (x * scale.astype(jnp.float32)).astype(jnp.dtype(self.config.dtype))
+  def __call__(self, x: jnp.ndarray,
+               delta: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    cfg = self.config
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.dtype(cfg.param_dtype))
+    options = dict(eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=cfg.norm_impl)
+    if delta is None:
+      return x, rms_norm(x, scale, **options)
+    return add_rms_norm(x, delta, scale, **options)
 
 
 class SwiGLU(nn.Module):

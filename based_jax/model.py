@@ -1,8 +1,9 @@
 """The BASED / Transformer++ language model: embedding, residual blocks, final norm, tied head.
 
-The residual stream is float32; mixers and MLPs compute in `config.dtype`. A call takes an
-optional `ModelCache` (see `cache.py`) and returns the updated one, so the same code runs
-training (no cache), prefill (many tokens into a fresh cache) and decoding (one token).
+The residual stream is float32 (each residual add is done by the RMSNorm after it: `Block`);
+mixers and MLPs compute in `config.dtype`. A call takes an optional `ModelCache` (see
+`cache.py`) and returns the updated one, so the same code runs training (no cache), prefill
+(many tokens into a fresh cache) and decoding (one token).
 """
 
 import functools
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from based_jax.cache import ModelCache, attention_capacity, check_cache
 from based_jax.checks import check_capacity, check_index_array, check_token_ids
 from based_jax.config import ModelConfig
-from based_jax.layers import RMSNorm, SwiGLU, output_logits, weight_init
+from based_jax.layers import AddRMSNorm, SwiGLU, output_logits, weight_init
 from based_jax.mixers import registry
 
 
@@ -25,19 +26,27 @@ def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-  """Pre-norm residual block: x += mixer(norm(x)); x += mlp(norm(x))."""
+  """Pre-norm residual block: x += mixer(norm1(x)); x += mlp(norm2(x)), each add done by the
+  norm after it (`AddRMSNorm`: one pass over the stream with the Pallas kernels).
+
+  The stream arrives and leaves as a pair: x [B, T, D] float32 and `pending` [B, T, D], the
+  output of the layer before (compute dtype; None before the first block), not yet added to
+  x. norm1 adds it and normalises, norm2 adds the mixer's output and normalises; the block's
+  last output (the MLP's, or the mixer's in blocks without one) is the new pending delta, which
+  the next block's norm1 or the model's final norm adds.
+  """
   config: ModelConfig
   kind: str
 
   @nn.compact
-  def __call__(self, x, positions, lengths, cache):
-    y, cache = make_mixer(self.config, self.kind, "mixer")(
-        RMSNorm(self.config, name="norm1")(x), positions, lengths, cache)
-    x = x + y.astype(jnp.float32)
-    if self.config.mlp_inner:
-      x = x + SwiGLU(self.config, name="mlp")(RMSNorm(self.config, name="norm2")(x)).astype(
-          jnp.float32)
-    return x, cache
+  def __call__(self, x, pending, positions, lengths, cache):
+    cfg = self.config
+    x, h = AddRMSNorm(cfg, name="norm1")(x, pending)
+    y, cache = make_mixer(cfg, self.kind, "mixer")(h, positions, lengths, cache)
+    if not cfg.mlp_inner:
+      return x, y, cache
+    x, h = AddRMSNorm(cfg, name="norm2")(x, y)
+    return x, SwiGLU(cfg, name="mlp")(h), cache
 
 
 class LanguageModel(nn.Module):
@@ -85,14 +94,14 @@ class LanguageModel(nn.Module):
 
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=weight_init(cfg),
                      param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
-    x = embed(tokens).astype(jnp.float32)
+    x, pending = embed(tokens).astype(jnp.float32), None  # the stream as Block passes it
     new_layers = []
     block = nn.remat(Block) if cfg.remat == "block" else Block  # same params either way
     for i, kind in enumerate(cfg.layer_kinds):
-      x, layer_cache = block(cfg, kind, name=f"layers_{i}")(
-          x, positions, lengths, None if cache is None else cache.layers[i])
+      x, pending, layer_cache = block(cfg, kind, name=f"layers_{i}")(
+          x, pending, positions, lengths, None if cache is None else cache.layers[i])
       new_layers.append(layer_cache)
-    x = RMSNorm(cfg, name="final_norm")(x)
+    _, x = AddRMSNorm(cfg, name="final_norm")(x, pending)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     # A NaN row of the head's input makes every logit of that row NaN (cheaper than [B, T, V]).

@@ -78,8 +78,10 @@ def test_the_model_runs_what_implementations_reports(monkeypatch, preset, overri
                             "chunked_prefill": "xla"}}
   if "la" in want:
     expected["linear_attention"] = {"chunked": want["la"], "decode": want["la_decode"]}
+  expected["norm"] = {"add_rms_norm": "xla"}
   assert reported == expected
-  assert paths_run(config, spy_implementations(monkeypatch)) == reported
+  mixers = {k: v for k, v in reported.items() if k != "norm"}
+  assert paths_run(config, spy_implementations(monkeypatch)) == mixers
 
 
 def test_a_gpu_fallback_for_the_kernels_limits_is_reported_and_warned(monkeypatch):
@@ -134,3 +136,13 @@ def test_resolvers_name_bad_input():
   with pytest.raises(ValueError, match="path must be one of"):
     linear_attention_implementation(config, "prefill")
   assert "linear_attention" not in implementations(get_config("transformer_pp_tiny"))
+
+
+def test_the_residual_norm_implementation_is_reported(monkeypatch):
+  config = get_config("based_tiny")
+  assert implementations(config)["norm"] == {"add_rms_norm": "xla"}
+  assert implementations(config.replace(norm_impl="pallas_interpret"))["norm"] == {
+      "add_rms_norm": "pallas_interpret"}
+  simulate_cuda(monkeypatch)
+  assert implementations(config.replace(norm_impl="pallas"))["norm"] == {
+      "add_rms_norm": "pallas"}

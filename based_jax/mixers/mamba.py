@@ -12,11 +12,11 @@ N = config.ssm_state, R = ceil(D / 16) the rank of the step-size projection.
   h_t = exp(dt_t A) * h_{t-1} + dt_t x_t B_t      per channel i: h [N], A = -exp(A_log) [I, N]
   y_t = C_t . h_t + D_skip x_t;  out = out_proj(y * silu(z))     I -> D, no bias
 
-Training and prefill run the recurrence as an associative scan inside chunks of SCAN_CHUNK
-tokens and a sequential scan over chunks (one [B, C, I, N] block at a time); decoding runs one
-step. Padding gets dt = 0, which leaves the state alone. Cache: the SSM state h [B, I, N]
-float32 (what the paper counts: 2 D N values at EXPAND = 2) and the conv's last CONV_TAPS - 1
-inputs [B, CONV_TAPS - 1, I].
+Training and prefill run the recurrence through `pallas_kernels.selective_scan`, whose
+implementation `config.ssm_impl` picks (an associative scan in chunks, or Pallas kernels that
+walk the tokens with the state on chip); decoding runs one step. Padding gets dt = 0, which
+leaves the state alone. Cache: the SSM state h [B, I, N] float32 (what the paper counts:
+2 D N values at EXPAND = 2) and the conv's last CONV_TAPS - 1 inputs [B, CONV_TAPS - 1, I].
 """
 
 import math
@@ -29,11 +29,11 @@ import jax.numpy as jnp
 from based_jax.config import ModelConfig
 from based_jax.layers import dense
 from based_jax.mixers.short_conv import causal_conv, fan_in_uniform
+from pallas_kernels.selective_scan import selective_scan
 
 EXPAND = 2  # inner width I = EXPAND * D
 CONV_TAPS = 4  # taps of the causal conv before the SSM
 DT_MIN, DT_MAX = 1e-3, 1e-1  # range of the initial step sizes (log-uniform)
-SCAN_CHUNK = 64  # tokens per associative scan
 
 
 class MambaCache(NamedTuple):
@@ -80,42 +80,6 @@ def _a_log_init(key, shape, dtype):
                           shape).astype(dtype)
 
 
-def _combine(left, right):
-  a1, b1 = left
-  a2, b2 = right
-  return a1 * a2, a2 * b1 + b2
-
-
-def selective_scan(dt, x, b_in, c_out, a, h0, chunk: int = SCAN_CHUNK):
-  """h_t = exp(dt_t a) h_{t-1} + dt_t x_t b_t, y_t = c_t . h_t over T tokens.
-
-  Args:
-    dt, x: [B, T, I]; b_in, c_out: [B, T, N]; a: [I, N] (negative); h0: [B, I, N].
-
-  Returns:
-    y [B, T, I] and the final state [B, I, N], float32.
-  """
-  bsz, t, inner = x.shape
-  c = min(chunk, t)
-  n = -(-t // c)
-
-  def split(v):  # zero padding: dt = 0 is the identity step
-    v = jnp.pad(v, [(0, 0), (0, n * c - t), (0, 0)])
-    return jnp.moveaxis(v.reshape(bsz, n, c, v.shape[-1]), 1, 0)
-
-  def body(h, xs):
-    dtc, xc, bc, cc = xs
-    decay = jnp.exp(dtc[..., None] * a)  # [B, C, I, N]
-    drive = (dtc * xc)[..., None] * bc[:, :, None, :]
-    drive = drive.at[:, 0].add(decay[:, 0] * h)
-    _, hs = jax.lax.associative_scan(_combine, (decay, drive), axis=1)
-    return hs[:, -1], jnp.einsum("bcin,bcn->bci", hs, cc)
-
-  final, ys = jax.lax.scan(jax.checkpoint(body), h0,
-                           (split(dt), split(x), split(b_in), split(c_out)))
-  return jnp.moveaxis(ys, 0, 1).reshape(bsz, n * c, inner)[:, :t], final
-
-
 def selective_step(dt, x, b_in, c_out, a, h):
   """One token: dt, x [B, I]; b_in, c_out [B, N]; h [B, I, N] -> (y [B, I], new h)."""
   h = jnp.exp(dt[..., None] * a) * h + (dt * x)[..., None] * b_in[:, None, :]
@@ -154,7 +118,7 @@ class Mamba(nn.Module):
       y, h = selective_step(dt[:, 0], x[:, 0], b_in[:, 0], c_out[:, 0], a, h0)
       y = y[:, None]
     else:
-      y, h = selective_scan(dt, x, b_in, c_out, a, h0)
+      y, h = selective_scan(dt, x, b_in, c_out, a, h0, impl=cfg.ssm_impl)
     y = (y + skip * x) * nn.silu(z.astype(jnp.float32))
     out = dense(cfg, d, use_bias=False, output=True, name="out_proj")(y.astype(u.dtype))
     return out, (None if cache is None else MambaCache(h, history))

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 
 def fan_in_uniform(fan_in: int) -> nn.initializers.Initializer:
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default weight and bias of a layer with this
-  fan-in. A depthwise convolution's fan-in is its taps, so Mamba's and Hyena's convolutions
-  (taps and biases) and H3's shift filter start at order one, as in the reference code, which
-  keeps that default for them: they pass their input on at full scale, where N(0, init_std)
-  taps would shrink it by about init_std, and the gated products behind them by a power of
-  that."""
+  fan-in (also Mamba's dt_proj kernel, fan-in its rank). A depthwise convolution's fan-in is
+  its taps, so Mamba's and Hyena's convolutions (taps and biases) and H3's shift filter start
+  at order one, as in the reference code, which keeps that default for them: they pass their
+  input on at full scale, where N(0, init_std) taps would shrink it by about init_std, and the
+  gated products behind them by a power of that."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key, shape, dtype=jnp.float32):
