@@ -44,6 +44,8 @@ H3_HEAD_DIM = 2  # channels per H3 head: its diagonal SSM runs on 2 x 2 key-valu
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "block")
+# Whose architecture details a model follows (`ModelConfig.block_style`, docs/mixers.md).
+BLOCK_STYLES = ("based", "zoology")
 
 
 def _check_field_types(config) -> None:
@@ -116,7 +118,7 @@ class ModelConfig:
   # paper's Transformer++ baselines rotate half of each head (flash-attention's
   # rotary_emb_fraction 0.5); the rest of the head carries no position.
   rotary_dims: int = 0
-  norm_eps: float = 1e-5  # RMSNorm epsilon.
+  norm_eps: float = 1e-5  # epsilon of every norm (RMSNorm; LayerNorm with block_style zoology).
   init_std: float = 0.02  # std of linear and embedding weights; output projections get less.
   dtype: str = "float32"  # compute dtype of mixers and MLPs ("float32" or "bfloat16").
   param_dtype: str = "float32"  # storage dtype of the parameters.
@@ -141,6 +143,11 @@ class ModelConfig:
   # "block" recomputes each residual block's insides from its input (less memory, ~1/3 more
   # compute). The function and the parameters are the same.
   remat: str = "none"
+  # Whose architecture details the model follows (BLOCK_STYLES): "based", the released BASED
+  # code's; "zoology", the paper's MQAR code's (HazyResearch/zoology): LayerNorms with biases,
+  # its identity sublayer in blocks without an MLP (not in Mamba's blocks, which keep RMSNorm),
+  # its BaseConv conv(u) * proj(u) + u, biased attention projections. docs/mixers.md.
+  block_style: str = "based"
 
   def __post_init__(self):
     _check_field_types(self)
@@ -163,9 +170,14 @@ class ModelConfig:
                           ("norm_impl", NORM_IMPLS),
                           ("ssm_impl", SSM_IMPLS),
                           ("remat", REMAT_POLICIES),
+                          ("block_style", BLOCK_STYLES),
                           ("la_feature_map", FEATURE_MAPS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    if self.block_style == "zoology" and self.norm_impl not in ("auto", "xla"):
+      raise ValueError(f"norm_impl={self.norm_impl!r} runs the RMSNorm kernels only; "
+                       "block_style='zoology' has LayerNorms, which run on norm_impl 'auto' or "
+                       "'xla'")
     if self.la_feature_map != "taylor" and self.linear_attention_impl not in ("auto", "xla"):
       raise ValueError(f"linear_attention_impl={self.linear_attention_impl!r} runs the Taylor "
                        f"kernels only; la_feature_map={self.la_feature_map!r} runs the pure-JAX "

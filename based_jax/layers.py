@@ -1,4 +1,4 @@
-"""Building blocks shared by the mixers: initialisers, add + RMSNorm, SwiGLU, rotary embeddings.
+"""Building blocks shared by the mixers: initialisers, add + norm, SwiGLU, rotary embeddings.
 
 Shapes use the dimension letters of `based_jax/__init__.py`.
 """
@@ -145,22 +145,29 @@ output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
 
 
 class AddRMSNorm(nn.Module):
-  """The residual stream's add and RMSNorm in one call: (x, delta) -> (x + delta, its norm).
+  """The residual stream's add and norm in one call: (x, delta) -> (x + delta, its norm).
 
   x [B, T, D] float32 is the residual stream and delta [B, T, D] (any float dtype, added in
   float32) the output of the layer before, or None (nothing to add: x passes through). The
-  norm is x / rms(x) * scale, computed in float32 (eps `norm_eps`), in the config's compute
-  dtype. `pallas_kernels.rms_norm` computes both (`norm_impl`): with the Pallas kernels the add
-  and the norm are one pass over the stream, forward and backward.
+  norm is x / rms(x) * scale, or with `layer_norm` a LayerNorm (x - mean(x)) / std(x) * scale +
+  bias (block_style zoology; torch.nn.LayerNorm's biased variance), computed in float32 (eps
+  `norm_eps`), in the config's compute dtype. `pallas_kernels.rms_norm` computes both
+  (`norm_impl`): with the Pallas kernels (RMSNorm only) the add and the norm are one pass over
+  the stream, forward and backward.
   """
   config: ModelConfig
+  layer_norm: bool = False  # LayerNorm with a bias (zeros at init) instead of RMSNorm.
 
   @nn.compact
   def __call__(self, x: jnp.ndarray,
                delta: jnp.ndarray | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
     cfg = self.config
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.dtype(cfg.param_dtype))
-    options = dict(eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=cfg.norm_impl)
+    pdtype = jnp.dtype(cfg.param_dtype)
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), pdtype)
+    bias = (self.param("bias", nn.initializers.zeros, (x.shape[-1],), pdtype)
+            if self.layer_norm else None)
+    options = dict(eps=cfg.norm_eps, out_dtype=jnp.dtype(cfg.dtype), impl=cfg.norm_impl,
+                   center=self.layer_norm, bias=bias)
     if delta is None:
       return x, rms_norm(x, scale, **options)
     return add_rms_norm(x, delta, scale, **options)

@@ -1,6 +1,6 @@
 """The BASED / Transformer++ language model: embedding, residual blocks, final norm, tied head.
 
-The residual stream is float32 (each residual add is done by the RMSNorm after it: `Block`);
+The residual stream is float32 (each residual add is done by the norm after it: `Block`);
 mixers and MLPs compute in `config.dtype`. A call takes an optional `ModelCache` (see
 `cache.py`) and returns the updated one, so the same code runs training (no cache), prefill
 (many tokens into a fresh cache) and decoding (one token).
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from based_jax.cache import ModelCache, attention_capacity, check_cache
 from based_jax.checks import check_capacity, check_index_array, check_token_ids
-from based_jax.config import ModelConfig
+from based_jax.config import MixerKind, ModelConfig
 from based_jax.layers import AddRMSNorm, SwiGLU, output_logits, weight_init
 from based_jax.mixers import registry
 
@@ -25,6 +25,13 @@ def make_mixer(config: ModelConfig, kind: str, name: str) -> nn.Module:
   return registry.spec(kind).module(config, name)
 
 
+def zoology_transformer_block(config: ModelConfig, kind: str) -> bool:
+  """Whether a layer is zoology's TransformerBlock (block_style "zoology", every kind but
+  Mamba): LayerNorms, and without an MLP its identity state mixer. Zoology's MambaBlock is
+  add + RMSNorm, mixer: the "based" block."""
+  return config.block_style == "zoology" and kind != MixerKind.MAMBA
+
+
 class Block(nn.Module):
   """Pre-norm residual block: x += mixer(norm1(x)); x += mlp(norm2(x)), each add done by the
   norm after it (`AddRMSNorm`: one pass over the stream with the Pallas kernels).
@@ -32,8 +39,10 @@ class Block(nn.Module):
   The stream arrives and leaves as a pair: x [B, T, D] float32 and `pending` [B, T, D], the
   output of the layer before (compute dtype; None before the first block), not yet added to
   x. norm1 adds it and normalises, norm2 adds the mixer's output and normalises; the block's
-  last output (the MLP's, or the mixer's in blocks without one) is the new pending delta, which
-  the next block's norm1 or the model's final norm adds.
+  last output is the new pending delta, which the next block's norm1 or the model's final norm
+  adds. Without an MLP that output is the mixer's; in zoology's TransformerBlock
+  (`zoology_transformer_block`) it is norm2's (its identity state mixer: x += mixer(LN1(x));
+  x += LN2(x)), and the norms are LayerNorms.
   """
   config: ModelConfig
   kind: str
@@ -41,12 +50,13 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, pending, positions, lengths, cache):
     cfg = self.config
-    x, h = AddRMSNorm(cfg, name="norm1")(x, pending)
+    zoology = zoology_transformer_block(cfg, self.kind)
+    x, h = AddRMSNorm(cfg, layer_norm=zoology, name="norm1")(x, pending)
     y, cache = make_mixer(cfg, self.kind, "mixer")(h, positions, lengths, cache)
-    if not cfg.mlp_inner:
+    if not cfg.mlp_inner and not zoology:
       return x, y, cache
-    x, h = AddRMSNorm(cfg, name="norm2")(x, y)
-    return x, SwiGLU(cfg, name="mlp")(h), cache
+    x, h = AddRMSNorm(cfg, layer_norm=zoology, name="norm2")(x, y)
+    return x, (SwiGLU(cfg, name="mlp")(h) if cfg.mlp_inner else h), cache
 
 
 class LanguageModel(nn.Module):
@@ -101,7 +111,8 @@ class LanguageModel(nn.Module):
       x, pending, layer_cache = block(cfg, kind, name=f"layers_{i}")(
           x, pending, positions, lengths, None if cache is None else cache.layers[i])
       new_layers.append(layer_cache)
-    _, x = AddRMSNorm(cfg, name="final_norm")(x, pending)
+    # zoology's final norm is a LayerNorm after either of its blocks
+    _, x = AddRMSNorm(cfg, layer_norm=cfg.block_style == "zoology", name="final_norm")(x, pending)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
     # A NaN row of the head's input makes every logit of that row NaN (cheaper than [B, T, V]).

@@ -1,5 +1,6 @@
-"""The baseline mixers (Mamba, H3, Hyena, RWKV, GLA) compute one function whether run whole, in
-chunks with a cache or per token, forward and backward; their recurrences match plain loops;
+"""The baseline mixers (Mamba, H3, Hyena, RWKV, GLA) and zoology's MQAR BaseConv (block_style
+"zoology") compute one function whether run whole, in chunks with a cache or per token, forward
+and backward; their recurrences match plain loops (Mamba's scan: tests/test_selective_scan.py);
 padding stays out of their caches; their state counts match their caches; at the MQAR presets'
 initialisation their long-range paths carry signal."""
 
@@ -7,15 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from mixer_runs import rel, run_in_pieces
+from mixer_runs import check_prefill_then_decode, rel, run_in_pieces
 
-from based_jax import generate, init_cache, init_params, state_size_bytes
+from based_jax import generate, init_params, state_size_bytes
 from based_jax.cache import init_layer_cache
 from based_jax.config import MixerKind, ModelConfig, get_config
-from based_jax.mixers import linear_recurrence, long_conv, mamba
+from based_jax.mixers import linear_recurrence, long_conv
 from based_jax.model import LanguageModel, make_mixer
 
 KINDS = [MixerKind.MAMBA, MixerKind.H3, MixerKind.HYENA, MixerKind.RWKV, MixerKind.GLA]
+# (kind, block_style) of the parity tests: every baseline, and zoology's BaseConv.
+CASES = [(kind, "based") for kind in KINDS] + [(MixerKind.BASE_CONV, "zoology")]
 # Small and lively: d 16, 2 heads of 8, N 4, a 12-lag Hyena filter (T 20 reaches past it and
 # past a decay chunk of linear_recurrence).
 BASE = dict(vocab_size=64, d_model=16, mlp_inner=0, la_heads=2, ssm_state=4, horizon=12,
@@ -28,12 +31,13 @@ def float32_products():
     yield
 
 
-def config_for(kind, n_layers=1):
-  return ModelConfig(n_layers=n_layers, layer_mixers=",".join([kind] * n_layers), **BASE)
+def config_for(kind, n_layers=1, block_style="based"):
+  return ModelConfig(n_layers=n_layers, layer_mixers=",".join([kind] * n_layers),
+                     block_style=block_style, **BASE)
 
 
-def setup(kind, t, b=2, seed=0):
-  config = config_for(kind)
+def setup(kind, t, b=2, seed=0, block_style="based"):
+  config = config_for(kind, block_style=block_style)
   mixer = make_mixer(config, kind, "mixer")
   x = jax.random.normal(jax.random.key(seed), (b, t, config.d_model))
   positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -41,10 +45,10 @@ def setup(kind, t, b=2, seed=0):
   return config, mixer, params, x
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_whole_equals_chunked_equals_per_token(kind):
+@pytest.mark.parametrize("kind, style", CASES)
+def test_whole_equals_chunked_equals_per_token(kind, style):
   t = 20
-  config, mixer, params, x = setup(kind, t)
+  config, mixer, params, x = setup(kind, t, block_style=style)
   apply = jax.jit(mixer.apply)
   positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
   whole, _ = apply(params, x, positions, None, None)
@@ -55,10 +59,10 @@ def test_whole_equals_chunked_equals_per_token(kind):
   assert rel(per_token, whole) < 1e-5
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradients_whole_equal_per_token(kind):
+@pytest.mark.parametrize("kind, style", CASES)
+def test_gradients_whole_equal_per_token(kind, style):
   t = 6
-  config, mixer, params, x = setup(kind, t)
+  config, mixer, params, x = setup(kind, t, block_style=style)
   w = jax.random.normal(jax.random.key(9), x.shape)
   positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
   g_whole = jax.jit(jax.grad(lambda p, x: jnp.sum(
@@ -70,10 +74,10 @@ def test_gradients_whole_equal_per_token(kind):
     assert rel(a, b) < 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_ragged_prefill_leaves_padding_out_of_the_cache(kind):
+@pytest.mark.parametrize("kind, style", CASES)
+def test_ragged_prefill_leaves_padding_out_of_the_cache(kind, style):
   t, lengths = 12, jnp.array([12, 5])
-  config, mixer, params, x = setup(kind, t)
+  config, mixer, params, x = setup(kind, t, block_style=style)
   apply = jax.jit(mixer.apply)
   positions = jnp.broadcast_to(jnp.arange(t), x.shape[:2])
   garbage = x.at[1, 5:].set(100.0)
@@ -95,41 +99,13 @@ def test_a_model_of_every_baseline_prefills_ragged_then_decodes_as_the_full_forw
   params, model = jax.jit(lambda: init_params(config, seed=1))(), LanguageModel(config)
   total, lengths = 14, np.array([7, 3])
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, total))
-  prompts = np.where(np.arange(7) < lengths[:, None], tokens[:, :7], 7)
-  step = jax.jit(lambda p, t, c, n=None: model.apply(p, t, cache=c, lengths=n))
-  prefill_logits, cache = step(params, jnp.asarray(prompts), init_cache(config, 2, total),
-                               jnp.asarray(lengths))
-  decoded = []
-  for s in range(total - lengths.max()):
-    logits, cache = step(params, jnp.asarray(tokens[np.arange(2), lengths + s][:, None]), cache)
-    decoded.append(logits[:, 0])
-  full, _ = jax.jit(model.apply)(params, jnp.asarray(tokens))  # causal: each row's prefix
-  for i in range(2):
-    assert rel(prefill_logits[i, :lengths[i]], full[i, :lengths[i]]) < 1e-5
-    continuation = full[i, lengths[i]:lengths[i] + len(decoded)]
-    assert rel(jnp.stack([d[i] for d in decoded]), continuation) < 1e-5
+  full, _ = jax.jit(model.apply)(params, jnp.asarray(tokens))
+  prompts = check_prefill_then_decode(config, model, params, tokens, lengths, full)
   out = generate(config, params, prompts, lengths, max_new_tokens=3)  # the public API runs
   assert out.tokens.shape == (2, 3)
 
 
 # ----------------------------------------------------------------------------- plain loops
-
-def test_selective_scan_equals_a_plain_loop():
-  rng = np.random.default_rng(0)
-  b, t, i, n = 2, 70, 3, 4  # 70 tokens: two scan chunks of 64
-  dt = rng.uniform(0.01, 0.5, (b, t, i))
-  x = rng.normal(size=(b, t, i))
-  b_in, c_out = rng.normal(size=(b, t, n)), rng.normal(size=(b, t, n))
-  a, h0 = -rng.uniform(0.5, 2, (i, n)), rng.normal(size=(b, i, n))
-  h, want = h0.copy(), np.zeros((b, t, i))
-  for s in range(t):
-    h = np.exp(dt[:, s, :, None] * a) * h + (dt[:, s] * x[:, s])[..., None] * b_in[:, s, None]
-    want[:, s] = np.einsum("bin,bn->bi", h, c_out[:, s])
-  y, final = mamba.selective_scan(*(jnp.asarray(v, jnp.float32)
-                                    for v in (dt, x, b_in, c_out, a, h0)))
-  np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(final, h, rtol=1e-4, atol=1e-5)
-
 
 @pytest.mark.parametrize("strict, decay, bonus", [(False, True, False), (True, True, True),
                                                   (False, False, False)])

@@ -6,7 +6,7 @@ cache, state count and mixing FLOPs.
 """
 
 from based_jax.mixers.attention import Attention, AttentionCache
-from based_jax.mixers.base_conv import BaseConv, ConvCache
+from based_jax.mixers.base_conv import BaseConv, ConvCache, ZoologyBaseConv
 from based_jax.mixers.gla import Gla, GlaCache
 from based_jax.mixers.h3 import H3, H3Cache
 from based_jax.mixers.hyena import Hyena, HyenaCache

@@ -1,7 +1,8 @@
 """Causal softmax attention with rotary embeddings: sliding-window (BASED) or full (Transformer++).
 With `config.rotary` False queries and keys carry no position (the paper's MQAR models).
 
-Wqkv: D -> 3D packed, no bias; out_proj: D -> D, no bias; scale K^-1/2; softmax in float32.
+Wqkv: D -> 3D packed, out_proj: D -> D, both without a bias (with biases under block_style
+"zoology", as zoology's MHA and SlidingAttn); scale K^-1/2; softmax in float32.
 
 Window convention: with `window = W` a query at position p sees positions p - W .. p, i.e. itself
 and W earlier tokens. The released BASED configs say `window_size: 256` and their code halves it,
@@ -257,8 +258,9 @@ class Attention(nn.Module):
     h = cfg.attn_heads
     dtype = jnp.dtype(cfg.dtype)
     scale = (d // h) ** -0.5
+    biased = cfg.block_style == "zoology"
     q, k, v = (y.reshape(b, t, h, d // h)
-               for y in SplitDense(cfg, (d, d, d), use_bias=False, name="Wqkv")(x))
+               for y in SplitDense(cfg, (d, d, d), use_bias=biased, name="Wqkv")(x))
     if cfg.rotary:  # every path below (and the cache) sees q and k as they are here
       q = apply_rotary(q, positions, cfg.rope_base, cfg.rotary_dims)
       k = apply_rotary(k, positions, cfg.rope_base, cfg.rotary_dims)
@@ -288,5 +290,5 @@ class Attention(nn.Module):
                               jnp.concatenate([cache.pos, key_pos], axis=1), self.window, scale)
       new_cache = _write(cache, k, v, key_pos)
     out = jnp.where(valid[:, :, None, None], out, 0).astype(dtype)  # padding rows: exact zeros
-    y = dense(cfg, d, use_bias=False, output=True, name="out_proj")(out.reshape(b, t, d))
+    y = dense(cfg, d, use_bias=biased, output=True, name="out_proj")(out.reshape(b, t, d))
     return y, new_cache

@@ -1,6 +1,8 @@
 """Linear attention mixer: BASED's global mixer with its Taylor feature map, or an ablation map.
 
-q, k: D -> H * F (no bias); v: D -> D split into H heads of K = D / H; out: D -> D (no bias).
+q, k: D -> H * F (no bias); v: D -> D split into H heads of K = D / H; out: D -> D (no bias;
+initialised N(0, init_std / sqrt(2 n_layers)), or with block_style "zoology" N(0, init_std),
+as zoology's `Based`, whose `proj_o` its init's out_proj rescale does not reach).
     y_t = sum_{j<=t} phi(q_t).phi(k_j) v_j / (phi(q_t) . sum_{j<=t} phi(k_j) + eps)
 With the Taylor map (`config.la_feature_map == "taylor"`) the attention itself (feature map,
 causal sums, normaliser, state) lives in `pallas_kernels.taylor_attention`, whose
@@ -98,5 +100,6 @@ class TaylorLinearAttention(nn.Module):
       phi = FeatureMap(cfg, name="feature_map")
       y, state = _feature_map_attention(phi(q, positions), phi(k, positions), v, cache,
                                         lengths, cfg.la_eps)
-    y = dense(cfg, d, use_bias=False, output=True, name="out_proj")(y.reshape(b, t, d))
+    y = dense(cfg, d, use_bias=False, output=cfg.block_style != "zoology",
+              name="out_proj")(y.reshape(b, t, d))
     return y, (None if cache is None else stored_like(state, cache))

@@ -56,7 +56,8 @@ MIXERS: dict[MixerKind, MixerSpec] = {
         mixing_flops=attention.mixing_flops_full,
         capacity=lambda cache: cache.pos.shape[1]),
     MixerKind.BASE_CONV: MixerSpec(
-        module=lambda config, name: base_conv.BaseConv(config, name=name),
+        module=lambda config, name: (base_conv.ZoologyBaseConv if config.block_style == "zoology"
+                                     else base_conv.BaseConv)(config, name=name),
         init_cache=base_conv.init_conv_cache,
         state_values=base_conv.state_values,
         mixing_flops=base_conv.mixing_flops),

@@ -280,12 +280,17 @@ def to_hf_config(config: ModelConfig) -> dict:
   only choose how we compute: dtypes and implementations).
 
   Raises:
-    ValueError when the reference cannot express the model: a mixer kind or feature map it
-    lacks, no MLP (mlp_inner 0), a SwiGLU width no GatedMlp builds (not a multiple of 128;
-    based's own class needs 256), attention without rotary embeddings (`rotary` False: the
-    mapping has rotary attention only), or BaseConv, linear, sliding-window and full
-    attention layers all in one model (it has three mixer slots).
+    ValueError when the reference cannot express the model: block_style "zoology" (the
+    paper's MQAR architecture: LayerNorms, zoology's BaseConv and biases), a mixer kind or
+    feature map it lacks, no MLP (mlp_inner 0), a SwiGLU width no GatedMlp builds (not a
+    multiple of 128; based's own class needs 256), attention without rotary embeddings
+    (`rotary` False: the mapping has rotary attention only), or BaseConv, linear,
+    sliding-window and full attention layers all in one model (it has three mixer slots).
   """
+  if config.block_style != "based":
+    raise ValueError(f"block_style={config.block_style!r}: the reference's blocks are the "
+                     "released BASED code's (RMSNorm, its BaseConv, attention without biases); "
+                     "only block_style 'based' models can be written for it")
   if config.mlp_inner <= 0 or config.mlp_inner % min(GATED_MLP_MULTIPLES):
     raise ValueError(f"mlp_inner={config.mlp_inner}: every reference block has a GatedMlp, "
                      f"whose width is a multiple of {min(GATED_MLP_MULTIPLES)} (flash-attention's "

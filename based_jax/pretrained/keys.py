@@ -83,6 +83,9 @@ class Entry(NamedTuple):
 def entries(config: ModelConfig) -> tuple[Entry, ...]:
   """Every parameter of `config`'s model, once, with its released name (the tied head,
   `lm_head.weight`, is the embedding's second name and not listed)."""
+  if config.block_style != "based":
+    raise ValueError(f"block_style={config.block_style!r} has no released layout: the released "
+                     "models are block_style 'based' (RMSNorm, BASED's BaseConv, no biases)")
   out = [Entry(EMBEDDING, ("embed", "embedding"), SAME)]
   for i, kind in enumerate(config.layer_kinds):
     if kind not in _MIXER_PARAMS or (kind == config_lib.LINEAR_ATTENTION
