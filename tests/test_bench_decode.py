@@ -152,8 +152,9 @@ def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
   assert [r["batch"] for r in result["rows"]] == [1]
   assert result["oom"]["batch"] == 2 and result["oom"]["phase"] == "decode"
   row = result["rows"][0]
-  assert row["implementations"] == {"attention": dict(prefill="xla", decode="xla",
-                                                      chunked_prefill="xla")}
+  assert row["implementations"] == {
+      "attention": dict(prefill="xla", decode="xla", chunked_prefill="xla"),
+      "norm": {"add_rms_norm": "xla"}}
   assert row["floor_bytes_per_step"] > row["param_bytes"] > 0
 
 
@@ -273,5 +274,6 @@ def test_point_records_the_implementations_its_generation_runs(monkeypatch):
   assert row["flops_per_step"] > 0
   assert row["implementations"] == {
       "linear_attention": {"chunked": "pallas_interpret", "decode": "pallas_interpret"},
-      "attention": {"prefill": "xla", "decode": "xla", "chunked_prefill": "xla"}}
+      "attention": {"prefill": "xla", "decode": "xla", "chunked_prefill": "xla"},
+      "norm": {"add_rms_norm": "xla"}}
   assert set(called) == {("chunked", True), ("step", True)}  # the interpreted kernels ran
