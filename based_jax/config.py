@@ -131,12 +131,12 @@ class ModelConfig:
   # One decoded token against the cache: "auto" (= "xla": an einsum over the cache), "xla" or
   # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8).
   attention_decode_impl: str = "auto"
-  # Residual adds and RMSNorms (pallas_kernels.rms_norm.IMPLEMENTATIONS): "auto" (= "xla" until
-  # a GPU measurement says otherwise, docs/kernels.md), "xla", "pallas" (the fused add + norm
+  # Residual adds and RMSNorms (pallas_kernels.rms_norm.IMPLEMENTATIONS): "auto" (the kernels on
+  # a GPU for an RMSNorm, else "xla"; docs/kernels.md), "xla", "pallas" (the fused add + norm
   # Pallas kernels, GPU) or "pallas_interpret" (the same kernels interpreted; tests).
   norm_impl: str = "auto"
   # Mamba's selective scan in training and prefill (pallas_kernels.selective_scan's
-  # IMPLEMENTATIONS): "auto" (= "xla" until a GPU measurement decides), "xla" (associative
+  # IMPLEMENTATIONS): "auto" ("pallas" on a GPU, else "xla"), "xla" (associative
   # scan), "pallas" (the Pallas kernels; GPU) or "pallas_interpret" (them in the interpreter).
   ssm_impl: str = "auto"
   # Rematerialisation in training: "none" keeps every activation for the backward pass,

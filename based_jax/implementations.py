@@ -8,6 +8,8 @@ for the residual stream's add + RMSNorm), so it is what runs: a function of the
 config and of the backend of this process, not of the batch or the sequence length.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -48,7 +50,7 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
   chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache); Mamba
   'scan' (several tokens: training, prefill; `ssm_impl`) and 'decode' (one token with a cache:
   always the XLA step). "norm" (every model) is the residual stream's add + RMSNorm
-  (`norm_impl`). A 'cudnn' prefill holds unless the call warned that cuDNN rejected it
+  (`norm_impl`), and with block_style "zoology" also its add + LayerNorm ('layer_norm'). A 'cudnn' prefill holds unless the call warned that cuDNN rejected it
   (see `resolve_implementation`).
   """
   kinds = set(config.layer_kinds)
@@ -63,8 +65,11 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
     out["mamba"] = {"scan": ssm_api.resolve(config.ssm_impl, backend=jax.default_backend()),
                     "decode": "xla"}
   compute = jnp.dtype(config.dtype)
-  out["norm"] = {"add_rms_norm": norm_api.resolve(
-      config.norm_impl, width=config.d_model,
+  norm = functools.partial(
+      norm_api.resolve, config.norm_impl, width=config.d_model,
       dtypes=(jnp.float32, compute, jnp.dtype(config.param_dtype), compute),
-      backend=jax.default_backend())}
+      backend=jax.default_backend())
+  out["norm"] = {"add_rms_norm": norm()}
+  if config.block_style == "zoology":  # its LayerNorms (the final one at least)
+    out["norm"]["layer_norm"] = norm(layer_norm=True)
   return out

@@ -78,7 +78,7 @@ def test_the_model_runs_what_implementations_reports(monkeypatch, preset, overri
                             "chunked_prefill": "xla"}}
   if "la" in want:
     expected["linear_attention"] = {"chunked": want["la"], "decode": want["la_decode"]}
-  expected["norm"] = {"add_rms_norm": "xla"}
+  expected["norm"] = {"add_rms_norm": "pallas" if cuda else "xla"}
   assert reported == expected
   mixers = {k: v for k, v in reported.items() if k != "norm"}
   assert paths_run(config, spy_implementations(monkeypatch)) == mixers
@@ -146,3 +146,6 @@ def test_the_residual_norm_implementation_is_reported(monkeypatch):
   simulate_cuda(monkeypatch)
   assert implementations(config.replace(norm_impl="pallas"))["norm"] == {
       "add_rms_norm": "pallas"}
+  assert implementations(config)["norm"] == {"add_rms_norm": "pallas"}  # "auto" on a GPU
+  zoology = config.replace(block_style="zoology")  # LayerNorms: the kernels compute RMSNorm
+  assert implementations(zoology)["norm"] == {"add_rms_norm": "pallas", "layer_norm": "xla"}

@@ -202,10 +202,11 @@ def test_the_mamba_mixer_is_the_same_function_under_either_implementation():
 
 
 def test_the_switch_is_reported_and_checked():
-  assert implementations(MAMBA)["mamba"] == {"scan": "xla", "decode": "xla"}
+  auto = "pallas" if jax.default_backend() == "gpu" else "xla"
+  assert implementations(MAMBA)["mamba"] == {"scan": auto, "decode": "xla"}
   assert implementations(MAMBA.replace(ssm_impl="pallas_interpret"))["mamba"]["scan"] == (
       "pallas_interpret")
-  assert api.resolve("auto", backend="gpu") == "xla"  # until a GPU measurement decides
+  assert api.resolve("auto", backend="gpu") == "pallas"
   assert api.resolve("pallas", backend="gpu") == "pallas"
   assert set(IMPLEMENTATIONS) == {"auto", "xla", "pallas", "pallas_interpret"}
   with pytest.raises(ValueError, match="ssm_impl must be one of"):
