@@ -120,6 +120,9 @@ class ModelConfig:
   rotary_dims: int = 0
   norm_eps: float = 1e-5  # epsilon of every norm (RMSNorm; LayerNorm with block_style zoology).
   init_std: float = 0.02  # std of linear and embedding weights; output projections get less.
+  # Dropout rate on the token embeddings in training passes (`LanguageModel(train=True)`);
+  # 0 = none. zoology's MQAR models use 0.1 (docs/mixers.md). Parameters do not depend on it.
+  embed_dropout: float = 0.0
   dtype: str = "float32"  # compute dtype of mixers and MLPs ("float32" or "bfloat16").
   param_dtype: str = "float32"  # storage dtype of the parameters.
   # Taylor attention implementation (pallas_kernels.taylor_attention.IMPLEMENTATIONS): "auto"
@@ -162,6 +165,8 @@ class ModelConfig:
         raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
     if not 0 <= self.la_eps < math.inf:
       raise ValueError(f"la_eps must be a finite number >= 0, got {self.la_eps}")
+    if not 0 <= self.embed_dropout < 1:
+      raise ValueError(f"embed_dropout must be a rate in [0, 1), got {self.embed_dropout}")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                           ("la_state_dtype", DTYPES),
                           ("linear_attention_impl", LINEAR_ATTENTION_IMPLS),

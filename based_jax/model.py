@@ -66,7 +66,8 @@ class LanguageModel(nn.Module):
   @nn.compact
   def __call__(self, tokens: jnp.ndarray, *, cache: Optional[ModelCache] = None,
                lengths: Optional[jnp.ndarray] = None,
-               logits_at: Optional[jnp.ndarray] = None) -> tuple[jnp.ndarray, Optional[ModelCache]]:
+               logits_at: Optional[jnp.ndarray] = None,
+               train: bool = False) -> tuple[jnp.ndarray, Optional[ModelCache]]:
     """Runs the model.
 
     Args:
@@ -76,6 +77,8 @@ class LanguageModel(nn.Module):
         state); all T if None.
       logits_at: [B, P] positions within this call whose logits are wanted (saves the
         [B, T, V] head when only a few are needed); all T if None.
+      train: a training pass: the token embeddings get `config.embed_dropout`, whose mask
+        comes from the 'dropout' PRNG stream (`apply(..., rngs={"dropout": key})`).
 
     Returns:
       logits [B, T or P, V] float32 and the updated cache (None if `cache` was None).
@@ -105,6 +108,8 @@ class LanguageModel(nn.Module):
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=weight_init(cfg),
                      param_dtype=jnp.dtype(cfg.param_dtype), name="embed")
     x, pending = embed(tokens).astype(jnp.float32), None  # the stream as Block passes it
+    # zoology's dropout1 of its first block, on the embeddings
+    x = nn.Dropout(cfg.embed_dropout, deterministic=not train, name="embed_dropout")(x)
     new_layers = []
     block = nn.remat(Block) if cfg.remat == "block" else Block  # same params either way
     for i, kind in enumerate(cfg.layer_kinds):

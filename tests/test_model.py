@@ -288,3 +288,19 @@ def test_output_logits_gradients_match_the_plain_product():
     np.testing.assert_allclose(np.asarray(dx, np.float64), p64 @ w64.T, rtol=tol, atol=tol * 4)
     np.testing.assert_allclose(np.asarray(dw, np.float64),
                                np.einsum("btd,btv->dv", x64, p64), rtol=tol, atol=tol * 8)
+
+
+def test_embed_dropout_acts_in_training_passes_only():
+  config = get_config("based_tiny", embed_dropout=0.5)
+  model, plain = LanguageModel(config), LanguageModel(config.replace(embed_dropout=0.0))
+  tokens = jax.random.randint(jax.random.key(0), (2, 12), 0, config.vocab_size)
+  params = model.init(jax.random.key(1), tokens)
+  train = lambda key: model.apply(params, tokens, train=True, rngs={"dropout": key})[0]
+  np.testing.assert_array_equal(model.apply(params, tokens)[0], plain.apply(params, tokens)[0])
+  np.testing.assert_array_equal(train(jax.random.key(2)), train(jax.random.key(2)))
+  assert not np.allclose(train(jax.random.key(2)), train(jax.random.key(3)))
+  np.testing.assert_array_equal(  # rate 0: a training pass is the evaluation pass
+      plain.apply(params, tokens, train=True, rngs={"dropout": jax.random.key(2)})[0],
+      plain.apply(params, tokens)[0])
+  with pytest.raises(ValueError, match=r"embed_dropout must be a rate in \[0, 1\)"):
+    config.replace(embed_dropout=1.0)

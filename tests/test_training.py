@@ -7,11 +7,13 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from based_jax.config import get_config
-from based_jax.training.optimizer import OptimizerConfig, decay_mask
+from based_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer
 from based_jax.training.run_config import RunConfig
 from based_jax.training.trainer import train
 
@@ -25,10 +27,11 @@ TINY_MODEL = get_config("mqar_based", d_model=32, la_feature_dim=4)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
-  whole, whole_state = train(TINY_RUN, TINY_MODEL, str(tmp_path / "whole"))
-  first, _ = train(TINY_RUN, TINY_MODEL, str(tmp_path / "split"), steps_this_run=8)
+  model = TINY_MODEL.replace(embed_dropout=0.1)  # the dropout key is part of the state too
+  whole, whole_state = train(TINY_RUN, model, str(tmp_path / "whole"))
+  first, _ = train(TINY_RUN, model, str(tmp_path / "split"), steps_this_run=8)
   assert first["step"] == 8
-  resumed, resumed_state = train(TINY_RUN, TINY_MODEL, str(tmp_path / "split"))
+  resumed, resumed_state = train(TINY_RUN, model, str(tmp_path / "split"))
   assert resumed["step"] == whole["step"] == 14
   for a, b in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(resumed_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -75,6 +78,24 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
   assert not flat["params/layers_0/mixer/in_proj/bias"]
   assert not flat["params/embed/embedding"]
   assert not flat["params/layers_0/norm1/scale"]
+
+
+@pytest.mark.parametrize("decay", ["matrices", "all"])
+def test_weight_decay_reaches_the_parameters_decay_names(decay):
+  """With zero gradients an AdamW step only decays: p -> p (1 - lr wd) where decay applies."""
+  from based_jax.model import init_params
+  params = init_params(get_config("based_tiny"))
+  config = OptimizerConfig(learning_rate=0.5, warmup_steps=0, total_steps=1, end_lr_ratio=1.0,
+                           weight_decay=0.1, decay=decay)
+  opt = make_optimizer(config)
+  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+  stepped = optax.apply_updates(params, updates)
+  mask = decay_mask(params)
+  for p, q, matrix in zip(*(jax.tree.leaves(t) for t in (params, stepped, mask))):
+    factor = 1 - 0.5 * 0.1 if decay == "all" or matrix else 1.0
+    np.testing.assert_allclose(q, p * factor, rtol=1e-6)
+  with pytest.raises(ValueError, match="decay must be one of"):
+    OptimizerConfig(decay="norms")
 
 
 def run_cli(*args):

@@ -5,22 +5,24 @@ One example is a token sequence `seq` of length T + 1 (T = seq_len); the model r
 `inputs = seq[:T]` and is trained on `labels = seq[1:]`, masked to IGNORE everywhere except
 where the input is a query key:
 
-    k1 v1 k2 v2 ... kP vP | x x kq vq x x x kr vr x ...
-    '---- context -----'   '-- every key queried once, followed by its value --'
+    k1 v1 k2 v2 ... kP vP | x x kq x x x x kr x x ...
+    '---- context -----'   '-- every key queried once, in a slot of two tokens --'
 
 - Keys: P distinct tokens from [1, V/2). Values: P distinct tokens from [V/2, V), also without
   replacement (as zoology), so no two keys of an example share a value.
 - Queries: the region after the context is cut into (key, value) slots at even offsets; P of them
   are drawn without replacement with p(gap = i) ~ a i^(a-1) (i = 1 for the slot right after the
   context; a = 0.01), so queries cluster soon after the context. Keys are assigned to the drawn
-  slots in a random order. A query's value follows it in the sequence; only the last query's
-  value may fall on token T, which exists only as a label.
+  slots in a random order. The value is only the query's label: the slot's second token is
+  filler, as in zoology's generator (the paper's data), so the query region never repeats a
+  pair of the context. Only the last slot's second token may fall on token T, which exists
+  only as a label.
 - Filler: every other position is a random token from [1, V) that is not one of the example's
   keys, so a key appears only in its context pair and at its query: each label is unambiguous.
   Token 0 never occurs; it is the padding id of `build_mix` and the eval pipeline.
 
-Fit: the context takes 2P tokens and the P query slots 2P more, of which the last value may be
-token T, so the condition is 4P <= T + 1. Keys bound P by V/2 - 1.
+Fit: the context takes 2P tokens and the P query slots 2P more, of which the last slot's second
+token may be token T, so the condition is 4P <= T + 1. Keys bound P by V/2 - 1.
 """
 
 import dataclasses
@@ -165,7 +167,7 @@ def generate_mqar(num_examples: int, seq_len: int, num_kv_pairs: int, *, vocab_s
   seq[:, 0:2 * p:2] = keys
   seq[:, 1:2 * p:2] = values
 
-  # Slot j holds a key at 2p + 2j (< seq_len) and its value right after. Drawing p slots with
+  # Slot j holds a query key at 2p + 2j (< seq_len), then filler. Drawing p slots with
   # weights gap^(a-1) without replacement = top-p of log-weight + Gumbel noise.
   num_slots = (seq_len + 1 - 2 * p) // 2
   log_weight = (power_a - 1) * np.log(np.arange(1, num_slots + 1))
@@ -174,7 +176,6 @@ def generate_mqar(num_examples: int, seq_len: int, num_kv_pairs: int, *, vocab_s
   rows = np.arange(n)[:, None]
   query_pos = 2 * p + 2 * slots
   seq[rows, query_pos] = keys[rows, which]
-  seq[rows, query_pos + 1] = values[rows, which]
 
   labels = np.full((n, seq_len), IGNORE, np.int32)
   labels[rows, query_pos] = values[rows, which]

@@ -1,10 +1,14 @@
 """AdamW with linear warm-up then cosine decay, gradient clipping, and no weight decay on
-norms, biases and embeddings (the BASED paper's recipe)."""
+norms, biases and embeddings (the BASED paper's recipe), or decay on every parameter
+(zoology's AdamW, which trained the paper's MQAR models)."""
 
 import dataclasses
 
 import jax
 import optax
+
+# Which parameters weight decay reaches (`OptimizerConfig.decay`).
+DECAY_SETS = ("matrices", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,8 +20,11 @@ class OptimizerConfig:
   end_lr_ratio: float = 0.1  # final lr = end_lr_ratio * learning_rate.
   b1: float = 0.9  # Adam beta1.
   b2: float = 0.95  # Adam beta2.
-  weight_decay: float = 0.1  # decoupled weight decay on matrices only.
+  weight_decay: float = 0.1  # decoupled weight decay, on the parameters `decay` names.
   grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables.
+  # DECAY_SETS: "matrices" (Dense and conv kernels: the BASED recipe) or "all" (every
+  # parameter, norms, biases and the tied embedding too: torch AdamW as zoology uses it).
+  decay: str = "matrices"
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -30,6 +37,8 @@ class OptimizerConfig:
     for name in ("end_lr_ratio", "b1", "b2"):
       if not 0 <= getattr(self, name) < 1 + (name == "end_lr_ratio"):
         raise ValueError(f"{name} out of range: {getattr(self, name)}")
+    if self.decay not in DECAY_SETS:
+      raise ValueError(f"decay must be one of {DECAY_SETS}, got {self.decay!r}")
     if self.weight_decay < 0 or self.grad_clip < 0:
       raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, "
                        f"{self.grad_clip}")
@@ -51,7 +60,8 @@ def decay_mask(params):
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   adamw = optax.adamw(schedule(config), b1=config.b1, b2=config.b2,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+                      weight_decay=config.weight_decay,
+                      mask=decay_mask if config.decay == "matrices" else None)
   if config.grad_clip:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
   return adamw

@@ -34,18 +34,21 @@ def labelled_positions(labels: jnp.ndarray, max_labels: int) -> tuple[jnp.ndarra
   return order.astype(jnp.int32), jnp.take_along_axis(labels, order, axis=1)
 
 
-def loss_sums(model: LanguageModel, params, batch, max_labels: Optional[int]):
+def loss_sums(model: LanguageModel, params, batch, max_labels: Optional[int],
+              dropout_rng: Optional[jax.Array] = None):
   """Cross-entropy summed over labelled positions, with (correct, count) of the argmax.
 
   `max_labels` bounds the labelled positions per row (MQAR: only those go through the LM
-  head); None scores every position that has a label (language modelling).
+  head); None scores every position that has a label (language modelling). `dropout_rng`
+  makes it a training pass (the model's dropout on, drawn from this key); None evaluates.
   """
+  train = {} if dropout_rng is None else {"train": True, "rngs": {"dropout": dropout_rng}}
   if max_labels is None:
     targets = batch["labels"]
-    logits, _ = model.apply(params, batch["inputs"])
+    logits, _ = model.apply(params, batch["inputs"], **train)
   else:
     positions, targets = labelled_positions(batch["labels"], max_labels)
-    logits, _ = model.apply(params, batch["inputs"], logits_at=positions)
+    logits, _ = model.apply(params, batch["inputs"], logits_at=positions, **train)
   valid = targets != IGNORE
   safe = jnp.where(valid, targets, 0)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
@@ -78,7 +81,9 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
   The batch [B, T] is the global batch of one optimizer step; with `grad_accum_steps` A it is
   run as A micro-batches of B / A rows (row r in micro-batch r mod A, so each device splits
   its own rows) whose gradient sums are accumulated, then divided by the total label count:
-  the same update as one batch of B. `max_labels` (static): see `loss_sums`.
+  the same update as one batch of B. `max_labels` (static): see `loss_sums`. The state's key
+  is split every step: one half becomes the next state's key, the other draws the step's
+  dropout masks (micro-batch i folds in i).
   """
   grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
 
@@ -87,19 +92,24 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
         lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
         .swapaxes(0, 1), batch)
 
-    def accumulate(carry, micro_batch):
+    next_rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+    def accumulate(carry, indexed):
       grads, (loss_sum, correct, count) = carry
-      (loss, (c, n)), g = grad_fn(model, state.params, micro_batch, max_labels)
+      i, micro_batch = indexed
+      (loss, (c, n)), g = grad_fn(model, state.params, micro_batch, max_labels,
+                                  jax.random.fold_in(step_rng, i))
       return (jax.tree.map(jnp.add, grads, g), (loss_sum + loss, correct + c, count + n)), None
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (grads, (loss_sum, correct, count)), _ = jax.lax.scan(
-        accumulate, (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0))), micro)
+        accumulate, (zeros, (jnp.float32(0), jnp.int32(0), jnp.int32(0))),
+        (jnp.arange(grad_accum_steps), micro))
     denominator = jnp.maximum(count, 1)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    rng = jax.random.key_data(next_rng)
     metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
                "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
