@@ -18,7 +18,7 @@ from gpu_lowering import triton_kernels
 from based_jax.cache import init_cache
 from based_jax.config import ModelConfig, get_config
 from based_jax.model import LanguageModel, init_params
-from pallas_kernels.rms_norm import add_rms_norm, api, pallas_fused, reference, rms_norm
+from pallas_kernels.rms_norm import add_rms_norm, api, pallas_fused, rms_norm
 
 ON_GPU = jax.default_backend() == "gpu"
 gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
