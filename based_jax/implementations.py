@@ -50,8 +50,9 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
   chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache); Mamba
   'scan' (several tokens: training, prefill; `ssm_impl`) and 'decode' (one token with a cache:
   always the XLA step). "norm" (every model) is the residual stream's add + RMSNorm
-  (`norm_impl`), and with block_style "zoology" also its add + LayerNorm ('layer_norm'). A 'cudnn' prefill holds unless the call warned that cuDNN rejected it
-  (see `resolve_implementation`).
+  (`norm_impl`), and with block_style "zoology" also its add + LayerNorm ('layer_norm'). A
+  'cudnn' prefill holds unless the call warned that cuDNN rejected it (see
+  `resolve_implementation`).
   """
   kinds = set(config.layer_kinds)
   out = {}

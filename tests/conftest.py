@@ -3,8 +3,7 @@
 Many tests compile the same programs: in-process, and in the subprocesses that the training,
 fault and multi-host tests start (`python -m experiments.train ...`). JAX's persistent
 compilation cache, pointed at a fresh directory for the run and inherited by those
-subprocesses through the environment, compiles each program once per run (the fault tests
-take half the time). The directory starts empty every run and is removed at its end, so a
+subprocesses through the environment, compiles each program once per run. The directory starts empty every run and is removed at its end, so a
 run never reuses another's executables. A cache directory the caller set is left alone.
 """
 

@@ -10,7 +10,7 @@ where the input is a query key:
 
 - Keys: P distinct tokens from [1, V/2). Values: P distinct tokens from [V/2, V), also without
   replacement (as zoology), so no two keys of an example share a value.
-- Queries: the region after the context is cut into (key, value) slots at even offsets; P of them
+- Queries: the region after the context is cut into slots of two tokens at even offsets; P of them
   are drawn without replacement with p(gap = i) ~ a i^(a-1) (i = 1 for the slot right after the
   context; a = 0.01), so queries cluster soon after the context. Keys are assigned to the drawn
   slots in a random order. The value is only the query's label: the slot's second token is
