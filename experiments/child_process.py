@@ -48,9 +48,9 @@ def first_line(error, limit: int = 300) -> str:
 
 # ----------------------------------------------------------------------------- the parent
 
-def _die_with_parent() -> None:
-  """In the child, before exec: be killed if the parent dies (Linux), so no orphan keeps the
-  GPU's memory."""
+def die_with_parent() -> None:
+  """In a child (before exec, or as a worker starts): be killed if the parent dies (Linux), so
+  no orphan keeps the GPU's memory."""
   try:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
   except Exception:  # noqa: BLE001 - best effort
@@ -83,7 +83,7 @@ def _spawn(module: str, request: dict, mem_fraction: float, timeout_s: int,
     with open(out_path, "w") as out, open(err_path, "w") as err:
       proc = subprocess.Popen([sys.executable, "-m", module, f"--child_request={path}"],
                               env=env, stdout=out, stderr=err, cwd=_REPO_ROOT,
-                              preexec_fn=_die_with_parent)
+                              preexec_fn=die_with_parent)
       try:
         code = _watch(proc, out_path, response_path, timeout_s, on_progress)
       finally:

@@ -9,14 +9,15 @@ Writes <out>.json and <out>.png after every point. Resumable point by point: a r
 command skips the points <out>.json holds, and a point cut short resumes its runs from their
 checkpoints (one workdir per run under --workdir). --deadline_s starts no new run after that many
 seconds (a GPU session's time limit) and a run stopped by SIGTERM ends the sweep: both exit 3;
-rerun to continue (exit 0 once every point is done).
+rerun to continue (exit 0 once every point is done). --parallel=4 trains four runs at once on
+the same GPU, a point's four lrs in about the time of one for small models.
 """
 
 import sys
 
 from absl import app, flags, logging
 
-from experiments.recall_sweep import GRIDS, merge, sweep
+from experiments.recall_sweep import GRIDS, merge, sweep, train_summary
 
 _GRID = flags.DEFINE_enum("grid", "paper_gpu", sorted(GRIDS), "Which grid to run.")
 _RUN = flags.DEFINE_string("run", None, "Run preset for every point (default: the grid's).")
@@ -31,6 +32,9 @@ _OUT = flags.DEFINE_string("out", "experiments/results/mqar_sweep", "Output path
 _POINTS = flags.DEFINE_list("points", None, "Indices of the grid points to run (default all).")
 _DEADLINE = flags.DEFINE_integer("deadline_s", 0, "Start no new run after this many seconds "
                                  "(0: none); rerun the same command to continue.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once, each in its own process "
+                                 "on the same devices (their output in <workdir>/<run>.log); "
+                                 "about 4 keep an H200 busy with d_model 128 models.")
 _MERGE = flags.DEFINE_list("merge", None, "Instead of training, merge these sweep JSON files "
                            "(e.g. parts run on separate machines) into --out.json/.png.")
 
@@ -42,7 +46,8 @@ def main(argv):
   if _MERGE.value:
     merge(_MERGE.value, _OUT.value)
     return
-  from based_jax.training.trainer import train  # pylint: disable=g-import-not-at-top
+  if _PARALLEL.value < 1:
+    raise app.UsageError(f"--parallel must be >= 1, got {_PARALLEL.value}")
   grid = GRIDS[_GRID.value]
   points = list(grid.points)
   if _POINTS.value:
@@ -51,10 +56,11 @@ def main(argv):
               "lrs": [float(lr) for lr in (_LRS.value or grid.lrs)],
               "steps": _STEPS.value if _STEPS.value is not None else grid.steps,
               "run_set": list(_RUN_SET.value)}
-  if _MODEL_SET.value:  # only when given: sweeps written before the flag keep their settings
-    settings["model_set"] = list(_MODEL_SET.value)
-  complete = sweep(points, settings, _OUT.value, _WORKDIR.value,
-                   lambda run, config, workdir: train(run, config, workdir)[0], _DEADLINE.value)
+  model_set = list(grid.model_set) + list(_MODEL_SET.value)
+  if model_set:  # only when some: sweeps written before grids had one keep their settings
+    settings["model_set"] = model_set
+  complete = sweep(points, settings, _OUT.value, _WORKDIR.value, train_summary, _DEADLINE.value,
+                   _PARALLEL.value)
   sys.exit(0 if complete else 3)
 
 

@@ -10,16 +10,22 @@ and <out>.png (accuracy against log state bytes, frontier drawn) after every poi
 of the same settings skips the points <out>.json holds.
 """
 
+import collections
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
+import signal
+import threading
 import time
+from concurrent import futures
 from typing import Callable, Optional
 
 from based_jax.config import ModelConfig, get_config
 from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
 from experiments.benchmarking import run_metadata
+from experiments.child_process import die_with_parent
 
 PAPER_LRS = (1e-3, 3.2e-3, 1e-2, 3.2e-2)  # the paper's sweep, np.logspace(-3, -1.5, 4) rounded
 ABLATION_MAPS = {"pos_elu": "PosELU", "relu": "ReLU", "identity": "Identity",
@@ -41,53 +47,62 @@ class Grid:
   run: str  # run preset (based_jax.training.run_config.RUN_PRESETS).
   lrs: tuple[float, ...]  # learning rates tried per point; the best is kept.
   steps: Optional[int] = None  # total_steps override; None: the run preset's schedule.
+  # Model field overrides (field=value) for every point, before the user's --model_set.
+  model_set: tuple[str, ...] = ()
 
 
 def _figure2(widths, mamba_widths, windows, based_widths, feature_dims, attention_widths,
-             mamba_states=(8, 16, 24), hyena_horizon=1024) -> list[Point]:
-  """Every mixer of the paper's Figure 2 (and RWKV, GLA), over widths and state sizes."""
-  points = [Point(f"attention d={d}", "attention", "mqar_attention", dict(d_model=d))
+             mamba_states=(8, 16, 24), hyena_horizon=1024, dropout=0.0) -> list[Point]:
+  """Every mixer of the paper's Figure 2 (and RWKV, GLA), over widths and state sizes;
+  `dropout` is the embedding dropout of every point but Mamba's (zoology's TransformerBlock
+  has it, its MambaBlock none)."""
+  drop = dict(embed_dropout=dropout) if dropout else {}
+  points = [Point(f"attention d={d}", "attention", "mqar_attention", dict(d_model=d, **drop))
             for d in attention_widths]
   points += [Point(f"BASED d={d} d'={f}", "BASED", "mqar_based",
-                   dict(d_model=d, la_feature_dim=f))
+                   dict(d_model=d, la_feature_dim=f, **drop))
              for d in based_widths for f in feature_dims]
   points += [Point(f"sliding window w={w}", "sliding window", "mqar_sliding_window",
-                   dict(d_model=128, window=w)) for w in windows]
+                   dict(d_model=128, window=w, **drop)) for w in windows]
   points += [Point(f"Mamba d={d} N={n}", "Mamba", "mqar_mamba", dict(d_model=d, ssm_state=n))
              for d in mamba_widths for n in mamba_states]
-  points += [Point(f"H3 d={d}", "H3", "mqar_h3", dict(d_model=d, ssm_state=d // 4))
+  points += [Point(f"H3 d={d}", "H3", "mqar_h3", dict(d_model=d, ssm_state=d // 4, **drop))
              for d in widths]
-  points += [Point(f"Hyena d={d}", "Hyena", "mqar_hyena", dict(d_model=d, horizon=hyena_horizon))
+  points += [Point(f"Hyena d={d}", "Hyena", "mqar_hyena", dict(d_model=d, horizon=hyena_horizon, **drop))
              for d in widths]
-  points += [Point(f"RWKV d={d}", "RWKV", "mqar_rwkv", dict(d_model=d, la_heads=max(1, d // 64)))
+  points += [Point(f"RWKV d={d}", "RWKV", "mqar_rwkv", dict(d_model=d, la_heads=max(1, d // 64), **drop))
              for d in widths]
-  points += [Point(f"GLA d={d}", "GLA", "mqar_gla", dict(d_model=d)) for d in widths]
+  points += [Point(f"GLA d={d}", "GLA", "mqar_gla", dict(d_model=d, **drop)) for d in widths]
   return points
 
 
-def _figure3(widths, taylor_dims) -> list[Point]:
+def _figure3(widths, taylor_dims, dropout=0.0) -> list[Point]:
   """BASED's linear attention with each feature map (the paper's Figure 3), over widths: the
-  Taylor map at d' 16 and 24, every other map on queries and keys of width d_model."""
+  Taylor map at d' 16 and 24, every other map on queries and keys of width d_model;
+  `dropout`: the embedding dropout of every point."""
+  drop = dict(embed_dropout=dropout) if dropout else {}
   points = [Point(f"Taylor d'={f} d={d}", f"Taylor d'={f}", "mqar_based",
-                  dict(d_model=d, la_feature_dim=f)) for f in taylor_dims for d in widths]
+                  dict(d_model=d, la_feature_dim=f, **drop)) for f in taylor_dims for d in widths]
   points += [Point(f"{title} d={d}", title, "mqar_based",
-                   dict(d_model=d, la_feature_dim=d, la_feature_map=name))
+                   dict(d_model=d, la_feature_dim=d, la_feature_map=name, **drop))
              for name, title in ABLATION_MAPS.items() for d in widths]
   return points
 
 
 GRIDS: dict[str, Grid] = {
-    # The paper's Figure 2 on its schedule (mqar_paper: 32 epochs, batch 256, four lrs).
-    # Widths as its configs (zoology arxiv24_based_figure2): BASED d 48 / 64 / 128 (and 256),
+    # The paper's Figure 2 as its code (zoology arxiv24_based_figure2) trained it: its
+    # trainer (mqar_zoology: 32 epochs, batch 256), its blocks (block_style zoology) and
+    # embedding dropout 0.1, four lrs. Widths as its configs: BASED d 48 / 64 / 128 (and 256),
     # H3 and Hyena d 64 .. 256.
     "paper_figure2": Grid(tuple(_figure2(
         widths=(64, 128, 256), mamba_widths=(64, 128, 256),
         windows=(8, 16, 32, 64, 128, 256, 512, 1024), based_widths=(48, 64, 128, 256),
-        feature_dims=(8, 16, 24), attention_widths=(64, 128))), run="mqar_paper",
-        lrs=PAPER_LRS),
-    # The paper's Figure 3: every feature map at d_model 64 .. 512.
-    "paper_figure3": Grid(tuple(_figure3(widths=tuple(range(64, 513, 64)), taylor_dims=(16, 24))),
-                          run="mqar_paper", lrs=PAPER_LRS),
+        feature_dims=(8, 16, 24), attention_widths=(64, 128), dropout=0.1)),
+        run="mqar_zoology", lrs=PAPER_LRS, model_set=("block_style=zoology",)),
+    # The paper's Figure 3: every feature map at d_model 64 .. 512, trained as Figure 2.
+    "paper_figure3": Grid(tuple(_figure3(widths=tuple(range(64, 513, 64)), taylor_dims=(16, 24),
+                                         dropout=0.1)),
+                          run="mqar_zoology", lrs=PAPER_LRS, model_set=("block_style=zoology",)),
     # CPU-sized variants: one small width per mixer or map on the CPU default's mix and
     # schedule (mqar_small: 128-token training sequences, test up to 256), two lrs.
     "cpu_figure2": Grid(tuple(_figure2(
@@ -215,50 +230,171 @@ def _score(run: dict) -> float:
   return run["test/mean"] if math.isfinite(run["test/mean"]) else -math.inf
 
 
+def train_summary(run: RunConfig, model: ModelConfig, workdir: str) -> dict:
+  """`based_jax.training.trainer.train`'s summary: the `train` of a sweep run by the script."""
+  from based_jax.training.trainer import train  # pylint: disable=g-import-not-at-top
+  return train(run, model, workdir)[0]
+
+
+def _timed(train: Callable, log: Optional[str], *args) -> tuple[dict, float]:
+  """(train(*args), its seconds); with `log`, this process's output goes to that file."""
+  if log:
+    with open(log, "a") as f:
+      os.dup2(f.fileno(), 1)
+      os.dup2(f.fileno(), 2)
+  tick = time.monotonic()
+  summary = train(*args)
+  return summary, round(time.monotonic() - tick, 1)
+
+
+class _InProcess:
+  """An executor that runs each job at submit, in this process (`parallel` 1)."""
+
+  def submit(self, fn, *args) -> futures.Future:
+    future = futures.Future()
+    try:
+      future.set_result(fn(*args))
+    except BaseException as e:  # noqa: BLE001 - re-raised by future.result()
+      future.set_exception(e)
+    return future
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    pass
+
+
+class _Processes(futures.ProcessPoolExecutor):
+  """`parallel` worker processes sharing the devices; a stop signal to this process is passed
+  on to them once, so each running run checkpoints and reports "interrupted".
+
+  Workers have their own process group (a terminal's Ctrl-C reaches only this process, which
+  forwards one SIGTERM: a second signal would end a worker before its checkpoint) and die
+  with this process. Unless the user chose a memory setting, device memory is allocated on
+  demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that one process does not take 75% of it.
+  """
+
+  def __init__(self, parallel: int):
+    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
+      os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    super().__init__(parallel, mp_context=multiprocessing.get_context("spawn"),
+                     initializer=_worker_init)
+    self.signal: Optional[str] = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # only it can take signals
+      self._previous = {sig: signal.signal(sig, self._forward)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
+
+  def _forward(self, signum, frame) -> None:
+    del frame
+    self.signal = signal.Signals(signum).name
+    self._restore()  # a second signal acts as usual
+    self.stop_workers()
+
+  def stop_workers(self) -> None:
+    for child in multiprocessing.active_children():
+      os.kill(child.pid, signal.SIGTERM)
+
+  def _restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def __exit__(self, *exc):
+    if exc[0] is not None:  # a run failed: the others stop at a checkpoint
+      self.stop_workers()
+    try:
+      return super().__exit__(*exc)
+    finally:
+      self._restore()
+
+
+def _worker_init() -> None:
+  """A worker's start: its own process group, death with the sweep, and SIGTERM ignored
+  between runs (a worker that died idle would break the pool and end its siblings' runs
+  without a checkpoint); the trainer handles it during a run."""
+  os.setpgrp()
+  die_with_parent()
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Callable,
-          deadline_s: float = 0.0) -> bool:
+          deadline_s: float = 0.0, parallel: int = 1) -> bool:
   """Trains every point not already in <out>.json at every lr; True when all are done.
 
-  `train(run, model_config, workdir) -> summary` (`based_jax.training.trainer.train`'s first
-  result); settings: {"grid", "run", "lrs", "steps", "run_set"} and optionally "model_set",
-  model field overrides for every point after its own fields (e.g. ["dtype=bfloat16"])."""
+  `train(run, model_config, workdir) -> summary` (`train_summary` for real runs); settings:
+  {"grid", "run", "lrs", "steps", "run_set"} and optionally "model_set", model field
+  overrides for every point after its own fields (e.g. ["dtype=bfloat16"]). `parallel` > 1
+  trains that many runs at once, each in a worker process on the same devices (a small MQAR
+  model keeps a GPU busy only in part), their output in <workdir>/<run>.log; `train` must be
+  a module-level function then. A point is recorded when its last run ends. False when the
+  deadline or a stop signal ended the sweep early (the runs then in flight checkpoint)."""
   base = get_run_config(settings["run"])
   if settings["steps"] is not None:
     base = base.replace(optimizer=dataclasses.replace(
         base.optimizer, total_steps=settings["steps"],
         warmup_steps=min(base.optimizer.warmup_steps, settings["steps"] // 10)))
   base = base.replace(**parse_assignments(RunConfig, settings["run_set"]))
+  executor = _InProcess() if parallel == 1 else _Processes(parallel)
   meta = {**run_metadata("optax", "numpy"), "run_config": dataclasses.asdict(base)}
   done = previous_points(out, settings)
   finished = {p["label"] for p in done}
-  start = time.monotonic()
   for point in points:
     if point.label in finished:
       print(f"=== {point.label}: done in {out}.json")
-      continue
-    runs = []
-    for lr in settings["lrs"]:
-      if deadline_s and time.monotonic() - start > deadline_s:
-        print(f"deadline of {deadline_s:.0f} s reached: rerun the same command to continue")
-        return False
-      run = base.replace(model=point.preset, optimizer=dataclasses.replace(
-          base.optimizer, learning_rate=float(lr)))
-      print(f"=== {point.label}, lr {lr:g}")
-      tick = time.monotonic()
-      model = get_config(point.preset, **{
-          **point.fields, **parse_assignments(ModelConfig, settings.get("model_set", []))})
-      summary = train(run, model, os.path.join(workdir, run_name(settings, point, lr)))
-      if "interrupted" in summary:
-        print(f"stopped by {summary['interrupted']}: rerun the same command to continue")
-        return False
-      runs.append({"lr": float(lr), "seconds": round(time.monotonic() - tick, 1), **summary})
-    best = max(runs, key=_score)
-    done.append({"label": point.label, "family": point.family, "preset": point.preset,
-                 "fields": point.fields, "state_bytes": best["state_bytes"],
-                 "accuracy": best["test/mean"], "best_lr": best["lr"],
-                 "per_slice": {k[5:]: v for k, v in best.items() if k.startswith("test/")},
-                 "seconds": round(sum(r["seconds"] for r in runs), 1), "all_runs": runs})
-    write(out, done, meta, settings)  # after every point: a killed sweep keeps what it finished
-    print(f"{point.label:28s} state {best['state_bytes']:>10,d} B  acc {best['test/mean']:.3f} "
-          f"(length <= 256: {in_distribution(done[-1]):.3f})  lr {best['lr']:g}")
-  return True
+  jobs = iter([(point, float(lr)) for point in points if point.label not in finished
+               for lr in settings["lrs"]])
+  model_set = parse_assignments(ModelConfig, settings.get("model_set", []))
+  runs = collections.defaultdict(list)  # label -> the summaries of its finished runs
+  pending = {}  # future -> (point, lr)
+  start, stopped = time.monotonic(), False
+  with executor:
+    while True:
+      while len(pending) < parallel and not stopped:
+        job = next(jobs, None)
+        if job is None:
+          break
+        if deadline_s and time.monotonic() - start > deadline_s:
+          print(f"deadline of {deadline_s:.0f} s reached: rerun the same command to continue")
+          stopped = True
+          break
+        point, lr = job
+        run = base.replace(model=point.preset, optimizer=dataclasses.replace(
+            base.optimizer, learning_rate=lr))
+        model = get_config(point.preset, **{**point.fields, **model_set})
+        name = os.path.join(workdir, run_name(settings, point, lr))
+        log = name + ".log" if parallel > 1 else None
+        print(f"=== {point.label}, lr {lr:g}" + (f" (output: {log})" if log else ""))
+        if log:
+          os.makedirs(workdir, exist_ok=True)
+        pending[executor.submit(_timed, train, log, run, model, name)] = job
+      if not pending:
+        break
+      for future in futures.wait(pending, return_when=futures.FIRST_COMPLETED)[0]:
+        point, lr = pending.pop(future)
+        summary, seconds = future.result()
+        if "interrupted" in summary:
+          print(f"{point.label}, lr {lr:g}: stopped by {summary['interrupted']}; rerun the "
+                "same command to continue")
+          stopped = True
+          continue
+        runs[point.label].append({"lr": lr, "seconds": seconds, **summary})
+        if len(runs[point.label]) == len(settings["lrs"]):
+          done.append(_point_result(point, runs.pop(point.label)))
+          write(out, done, meta, settings)  # after every point: a killed sweep keeps it
+          print(f"{point.label:28s} state {done[-1]['state_bytes']:>10,d} B  acc "
+                f"{done[-1]['accuracy']:.3f} (length <= 256: {in_distribution(done[-1]):.3f})"
+                f"  lr {done[-1]['best_lr']:g}")
+  return not stopped and getattr(executor, "signal", None) is None
+
+
+def _point_result(point: Point, runs: list[dict]) -> dict:
+  """A point of <out>.json: its best run (`_score`) and every run, in lr order."""
+  runs = sorted(runs, key=lambda r: r["lr"])
+  best = max(runs, key=_score)
+  return {"label": point.label, "family": point.family, "preset": point.preset,
+          "fields": point.fields, "state_bytes": best["state_bytes"],
+          "accuracy": best["test/mean"], "best_lr": best["lr"],
+          "per_slice": {k[5:]: v for k, v in best.items() if k.startswith("test/")},
+          "seconds": round(sum(r["seconds"] for r in runs), 1), "all_runs": runs}

@@ -1,8 +1,12 @@
 """The MQAR sweep: the paper's grids cover every mixer and feature map, a killed sweep resumes
-without redoing finished points, and the Pareto frontier is the non-dominated points."""
+without redoing finished points, parallel runs record what sequential ones do and stop on a
+signal, and the Pareto frontier is the non-dominated points."""
 
 import json
 import os
+import signal
+import threading
+import time
 
 import pytest
 
@@ -13,8 +17,11 @@ from experiments import recall_sweep
 
 def test_paper_grids_cover_every_mixer_and_map_on_the_paper_schedule():
   fig2, fig3 = recall_sweep.GRIDS["paper_figure2"], recall_sweep.GRIDS["paper_figure3"]
-  for grid in (fig2, fig3):
-    assert grid.run == "mqar_paper" and grid.steps is None and len(grid.lrs) == 4
+  for grid in (fig2, fig3):  # zoology's trainer, blocks and dropout (Mamba: none)
+    assert grid.run == "mqar_zoology" and grid.steps is None and len(grid.lrs) == 4
+    assert grid.model_set == ("block_style=zoology",)
+    for p in grid.points:
+      assert p.fields.get("embed_dropout", 0.0) == (0.0 if p.family == "Mamba" else 0.1)
   kinds = {kind for p in fig2.points for kind in get_config(p.preset, **p.fields).layer_kinds}
   assert kinds == set(MixerKind)
   maps = {get_config(p.preset, **p.fields).la_feature_map for p in fig3.points}
@@ -108,3 +115,72 @@ def test_model_set_changes_every_points_model(tmp_path):
   assert recall_sweep.sweep(points, settings, str(tmp_path / "sweep"), str(tmp_path), train)
   assert [s[:2] for s in seen] == [("bfloat16", 32), ("bfloat16", 32)]  # the point's d kept
   assert all("dtypebfloat16" in s[2] for s in seen)  # its own workdirs
+
+
+def timed_train(run, config, workdir):
+  """A module-level `train` for worker processes: records when it ran, prints, sleeps."""
+  os.makedirs(workdir)
+  tick = time.time()
+  print(f"training {os.path.basename(workdir)}")
+  time.sleep(1.0)
+  with open(os.path.join(workdir, "interval.json"), "w") as f:
+    json.dump([tick, time.time()], f)
+  return fake_summary(config, run.optimizer.learning_rate)
+
+
+def stoppable_train(run, config, workdir):
+  """A `train` that runs until a stop signal, as the trainer does, and says so."""
+  from based_jax.training.trainer import StopRequest  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir)
+  with StopRequest() as stop:
+    open(os.path.join(workdir, "started"), "w").close()
+    deadline = time.time() + 60
+    while stop.signal is None and time.time() < deadline:
+      time.sleep(0.05)
+  return {"step": 1, "interrupted": stop.signal}
+
+
+def test_parallel_runs_overlap_and_record_what_one_at_a_time_does(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3, 3.2e-3], "steps": 5,
+              "run_set": []}
+  results = {}
+  for parallel in (1, 4):
+    out, work = str(tmp_path / f"sweep{parallel}"), str(tmp_path / f"runs{parallel}")
+    assert recall_sweep.sweep(points, settings, out, work, timed_train, parallel=parallel)
+    with open(out + ".json") as f:
+      results[parallel] = sorted(json.load(f)["points"], key=lambda p: p["label"])
+    intervals = [json.load(open(os.path.join(work, d, "interval.json")))
+                 for d in os.listdir(work) if os.path.isdir(os.path.join(work, d))]
+    assert len(intervals) == 4
+    overlap = max(a for a, _ in intervals) < min(b for _, b in intervals)
+    assert overlap == (parallel == 4)
+  logs = [f for f in os.listdir(tmp_path / "runs4") if f.endswith(".log")]
+  assert len(logs) == 4
+  for log in logs:
+    with open(tmp_path / "runs4" / log) as f:
+      assert f"training {log[:-4]}" in f.read()
+  strip = lambda p: {**p, "seconds": None, "all_runs": [  # noqa: E731
+      {**r, "seconds": None} for r in p["all_runs"]]}
+  assert [strip(p) for p in results[4]] == [strip(p) for p in results[1]]
+
+
+def test_a_stop_signal_reaches_every_parallel_run(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5, "run_set": []}
+  work = tmp_path / "runs"
+
+  def signal_when_started():
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(work.glob("*/started"))) < 2:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=signal_when_started, daemon=True).start()
+  tick = time.time()
+  assert not recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(work),
+                                stoppable_train, parallel=2)
+  assert time.time() - tick < 50  # stopped by the signal, not by the runs' own deadline
+  assert len(list(work.glob("*/started"))) == 2
+  assert not os.path.exists(tmp_path / "s.json")  # no point finished
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the sweep's handler is gone
