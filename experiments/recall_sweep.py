@@ -380,6 +380,7 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
           stopped = True
           continue
         runs[point.label].append({"lr": lr, "seconds": seconds, **summary})
+        print(f"    {point.label}, lr {lr:g}: mean {summary['test/mean']:.3f} in {seconds:.0f} s")
         if len(runs[point.label]) == len(settings["lrs"]):
           done.append(_point_result(point, runs.pop(point.label)))
           write(out, done, meta, settings)  # after every point: a killed sweep keeps it
