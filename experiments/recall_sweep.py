@@ -68,10 +68,10 @@ def _figure2(widths, mamba_widths, windows, based_widths, feature_dims, attentio
              for d in mamba_widths for n in mamba_states]
   points += [Point(f"H3 d={d}", "H3", "mqar_h3", dict(d_model=d, ssm_state=d // 4, **drop))
              for d in widths]
-  points += [Point(f"Hyena d={d}", "Hyena", "mqar_hyena", dict(d_model=d, horizon=hyena_horizon, **drop))
-             for d in widths]
-  points += [Point(f"RWKV d={d}", "RWKV", "mqar_rwkv", dict(d_model=d, la_heads=max(1, d // 64), **drop))
-             for d in widths]
+  points += [Point(f"Hyena d={d}", "Hyena", "mqar_hyena",
+                   dict(d_model=d, horizon=hyena_horizon, **drop)) for d in widths]
+  points += [Point(f"RWKV d={d}", "RWKV", "mqar_rwkv",
+                   dict(d_model=d, la_heads=max(1, d // 64), **drop)) for d in widths]
   points += [Point(f"GLA d={d}", "GLA", "mqar_gla", dict(d_model=d, **drop)) for d in widths]
   return points
 
@@ -265,26 +265,34 @@ class _InProcess:
     pass
 
 
+def _share_devices() -> None:
+  """Device memory allocated on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) in this process
+  and the workers it starts, unless the user chose a memory setting: by default each JAX
+  process would take 75% of a GPU's memory. Before this process first uses a device."""
+  if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
 class _Processes(futures.ProcessPoolExecutor):
   """`parallel` worker processes sharing the devices; a stop signal to this process is passed
   on to them once, so each running run checkpoints and reports "interrupted".
 
   Workers have their own process group (a terminal's Ctrl-C reaches only this process, which
   forwards one SIGTERM: a second signal would end a worker before its checkpoint) and die
-  with this process. Unless the user chose a memory setting, device memory is allocated on
-  demand (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that one process does not take 75% of it.
+  with this process.
   """
 
   def __init__(self, parallel: int):
-    if not {"XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION"} & set(os.environ):
-      os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     super().__init__(parallel, mp_context=multiprocessing.get_context("spawn"),
                      initializer=_worker_init)
     self.signal: Optional[str] = None
     self._previous = {}
+
+  def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # only it can take signals
       self._previous = {sig: signal.signal(sig, self._forward)
                         for sig in (signal.SIGTERM, signal.SIGINT)}
+    return super().__enter__()
 
   def _forward(self, signum, frame) -> None:
     del frame
@@ -336,7 +344,8 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
         base.optimizer, total_steps=settings["steps"],
         warmup_steps=min(base.optimizer.warmup_steps, settings["steps"] // 10)))
   base = base.replace(**parse_assignments(RunConfig, settings["run_set"]))
-  executor = _InProcess() if parallel == 1 else _Processes(parallel)
+  if parallel > 1:
+    _share_devices()  # before run_metadata first touches a device
   meta = {**run_metadata("optax", "numpy"), "run_config": dataclasses.asdict(base)}
   done = previous_points(out, settings)
   finished = {p["label"] for p in done}
@@ -349,7 +358,7 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
   runs = collections.defaultdict(list)  # label -> the summaries of its finished runs
   pending = {}  # future -> (point, lr)
   start, stopped = time.monotonic(), False
-  with executor:
+  with _InProcess() if parallel == 1 else _Processes(parallel) as executor:
     while True:
       while len(pending) < parallel and not stopped:
         job = next(jobs, None)
