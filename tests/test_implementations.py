@@ -138,6 +138,9 @@ def test_resolvers_name_bad_input():
   assert "linear_attention" not in implementations(get_config("transformer_pp_tiny"))
 
 
+# based_tiny's d' 8 is outside the kernels' limits: on the simulated GPU its linear attention
+# falls back to XLA with a warning, which the fallback test above checks.
+@pytest.mark.filterwarnings("ignore:causal_taylor_attention. falling back:UserWarning")
 def test_the_residual_norm_implementation_is_reported(monkeypatch):
   config = get_config("based_tiny")
   assert implementations(config)["norm"] == {"add_rms_norm": "xla"}
