@@ -24,6 +24,8 @@ from based_jax.training.tasks import evaluate_mqar
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run's --workdir.", required=True)
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the newest readable one.")
+_MEMBER = flags.DEFINE_integer("member", None, "Of a run with lr_members: which model (its "
+                               "index in lr_members).")
 _TEST_MIX = flags.DEFINE_enum("test_mix", None, sorted(mqar.MIXES),
                               "MQAR test mix; default the run's own.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Evaluation batch; default the run's.",
@@ -37,7 +39,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:  # keep Orbax's INFO lines out of the output
     logging.set_verbosity(logging.WARNING)
   try:
-    config, params = load_checkpoint(_WORKDIR.value, _STEP.value)
+    config, params = load_checkpoint(_WORKDIR.value, _STEP.value, _MEMBER.value)
     run = load_run_config(_WORKDIR.value, _STEP.value)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from e

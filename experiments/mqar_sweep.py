@@ -35,6 +35,9 @@ _DEADLINE = flags.DEFINE_integer("deadline_s", 0, "Start no new run after this m
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once, each in its own process "
                                  "on the same devices (their output in <workdir>/<run>.log); "
                                  "about 4 keep an H200 busy with d_model 128 models.")
+_MEMBERS = flags.DEFINE_bool("members", False, "Train a point's lrs side by side in one "
+                              "program (RunConfig.lr_members): one run, one compile, the GPU "
+                              "shared inside one process; combines with --parallel.")
 _MERGE = flags.DEFINE_list("merge", None, "Instead of training, merge these sweep JSON files "
                            "(e.g. parts run on separate machines) into --out.json/.png.")
 
@@ -56,6 +59,8 @@ def main(argv):
               "lrs": [float(lr) for lr in (_LRS.value or grid.lrs)],
               "steps": _STEPS.value if _STEPS.value is not None else grid.steps,
               "run_set": list(_RUN_SET.value)}
+  if _MEMBERS.value:  # only when set: sweeps written before the flag keep their settings
+    settings["members"] = True
   model_set = list(grid.model_set) + list(_MODEL_SET.value)
   if model_set:  # only when some: sweeps written before grids had one keep their settings
     settings["model_set"] = model_set

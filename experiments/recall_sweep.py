@@ -216,13 +216,16 @@ def previous_points(out: str, settings: dict) -> list[dict]:
   return previous["points"]
 
 
-def run_name(settings: dict, point: Point, lr: float) -> str:
-  """The workdir of one run: every setting that changes what it trains."""
+def run_name(settings: dict, point: Point, lrs: tuple[float, ...]) -> str:
+  """The workdir of one run (of one lr, or of the lr members `lrs`): every setting that
+  changes what it trains."""
   fields = "_".join(f"{k}{v}" for k, v in point.fields.items())
   steps = "" if settings["steps"] is None else f"_steps{settings['steps']}"
   extra = "".join(f"_{a.replace('=', '')}"
                   for a in settings["run_set"] + settings.get("model_set", []))
-  return f"{settings['run']}_{point.preset}_{fields}{steps}{extra}_lr{lr:g}"
+  rates = ("_lrs" + "-".join(f"{lr:g}" for lr in lrs) if settings.get("members")
+           else f"_lr{lrs[0]:g}")
+  return f"{settings['run']}_{point.preset}_{fields}{steps}{extra}{rates}"
 
 
 def _score(run: dict) -> float:
@@ -352,11 +355,14 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
   for point in points:
     if point.label in finished:
       print(f"=== {point.label}: done in {out}.json")
-  jobs = iter([(point, float(lr)) for point in points if point.label not in finished
-               for lr in settings["lrs"]])
+  lrs = tuple(float(lr) for lr in settings["lrs"])
+  members = bool(settings.get("members"))
+  jobs = iter([(point, group) for point in points if point.label not in finished
+               for group in ([lrs] if members else [(lr,) for lr in lrs])])
   model_set = parse_assignments(ModelConfig, settings.get("model_set", []))
-  runs = collections.defaultdict(list)  # label -> the summaries of its finished runs
-  pending = {}  # future -> (point, lr)
+  runs = collections.defaultdict(list)  # label -> the summaries of its finished runs, by lr
+  seconds_of = collections.Counter()  # label -> the seconds of its finished runs
+  pending = {}  # future -> (point, the run's lrs)
   start, stopped = time.monotonic(), False
   with _InProcess() if parallel == 1 else _Processes(parallel) as executor:
     while True:
@@ -368,30 +374,36 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
           print(f"deadline of {deadline_s:.0f} s reached: rerun the same command to continue")
           stopped = True
           break
-        point, lr = job
-        run = base.replace(model=point.preset, optimizer=dataclasses.replace(
-            base.optimizer, learning_rate=lr))
+        point, group = job
+        run = (base.replace(model=point.preset, lr_members=group) if members else
+               base.replace(model=point.preset, optimizer=dataclasses.replace(
+                   base.optimizer, learning_rate=group[0])))
         model = get_config(point.preset, **{**point.fields, **model_set})
-        name = os.path.join(workdir, run_name(settings, point, lr))
+        name = os.path.join(workdir, run_name(settings, point, group))
         log = name + ".log" if parallel > 1 else None
-        print(f"=== {point.label}, lr {lr:g}" + (f" (output: {log})" if log else ""))
+        print(f"=== {point.label}, {_rates(group)}" + (f" (output: {log})" if log else ""))
         if log:
           os.makedirs(workdir, exist_ok=True)
         pending[executor.submit(_timed, train, log, run, model, name)] = job
       if not pending:
         break
       for future in futures.wait(pending, return_when=futures.FIRST_COMPLETED)[0]:
-        point, lr = pending.pop(future)
+        point, group = pending.pop(future)
         summary, seconds = future.result()
         if "interrupted" in summary:
-          print(f"{point.label}, lr {lr:g}: stopped by {summary['interrupted']}; rerun the "
-                "same command to continue")
+          print(f"{point.label}, {_rates(group)}: stopped by {summary['interrupted']}; rerun "
+                "the same command to continue")
           stopped = True
           continue
-        runs[point.label].append({"lr": lr, "seconds": seconds, **summary})
-        print(f"    {point.label}, lr {lr:g}: mean {summary['test/mean']:.3f} in {seconds:.0f} s")
-        if len(runs[point.label]) == len(settings["lrs"]):
-          done.append(_point_result(point, runs.pop(point.label)))
+        shared = {k: v for k, v in summary.items() if k != "members"}
+        finished_runs = ([{"lr": group[0], **summary}] if not members else
+                         [{**shared, **m} for m in summary["members"]])
+        runs[point.label] += [{**r, "seconds": seconds} for r in finished_runs]
+        seconds_of[point.label] += seconds
+        means = ", ".join(f"{r['test/mean']:.3f}" for r in finished_runs)
+        print(f"    {point.label}, {_rates(group)}: mean {means} in {seconds:.0f} s")
+        if len(runs[point.label]) == len(lrs):
+          done.append(_point_result(point, runs.pop(point.label), seconds_of[point.label]))
           write(out, done, meta, settings)  # after every point: a killed sweep keeps it
           print(f"{point.label:28s} state {done[-1]['state_bytes']:>10,d} B  acc "
                 f"{done[-1]['accuracy']:.3f} (length <= 256: {in_distribution(done[-1]):.3f})"
@@ -399,12 +411,17 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
   return not stopped and getattr(executor, "signal", None) is None
 
 
-def _point_result(point: Point, runs: list[dict]) -> dict:
-  """A point of <out>.json: its best run (`_score`) and every run, in lr order."""
+def _rates(lrs: tuple[float, ...]) -> str:
+  return f"lr {lrs[0]:g}" if len(lrs) == 1 else "lrs " + ", ".join(f"{lr:g}" for lr in lrs)
+
+
+def _point_result(point: Point, runs: list[dict], seconds: float) -> dict:
+  """A point of <out>.json: its best run (`_score`) and every run, in lr order; `seconds`
+  its runs took (with lr members: one run's)."""
   runs = sorted(runs, key=lambda r: r["lr"])
   best = max(runs, key=_score)
   return {"label": point.label, "family": point.family, "preset": point.preset,
           "fields": point.fields, "state_bytes": best["state_bytes"],
           "accuracy": best["test/mean"], "best_lr": best["lr"],
           "per_slice": {k[5:]: v for k, v in best.items() if k.startswith("test/")},
-          "seconds": round(sum(r["seconds"] for r in runs), 1), "all_runs": runs}
+          "seconds": round(seconds, 1), "all_runs": runs}

@@ -42,6 +42,10 @@ _MODEL_SET = flags.DEFINE_multi_string(
     "model_set", [], "Model field override field=value (repeatable; tuples as 1,2,3), after "
     "the --run preset's own; field one of: "
     f"{', '.join(f.name for f in dataclasses.fields(ModelConfig))}.")
+_LR_MEMBERS = flags.DEFINE_list(
+    "lr_members", None, "Learning rates trained side by side in one program, one model each "
+    "(a learning-rate sweep as one run; the trained models: based_jax.load_checkpoint(workdir, "
+    "member=i)). Unset: the --run preset's (one model at --learning_rate).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: call jax.distributed.initialize() first, from "
     "--coordinator_address / --num_processes / --process_id, or where those are unset from "
@@ -64,6 +68,12 @@ def resolve_config() -> tuple[RunConfig, ModelConfig]:
   text = dataclasses.replace(run.text, **overrides_from_flags(TextConfig))
   run = run.replace(optimizer=optimizer, text=text, **overrides_from_flags(RunConfig))
   run = run.replace(model_set=run.model_set + tuple(_MODEL_SET.value))
+  if _LR_MEMBERS.value is not None:
+    try:
+      rates = tuple(float(lr) for lr in _LR_MEMBERS.value)
+    except ValueError as e:
+      raise ValueError(f"--lr_members must be learning rates, got {_LR_MEMBERS.value}") from e
+    run = run.replace(lr_members=rates)
   model = get_config(run.model, **parse_assignments(ModelConfig, list(run.model_set)))
   return run, model
 
@@ -92,9 +102,12 @@ def main(argv):
   if jax.process_index():
     return
   print(f"\nfinished in {time.time() - start:.0f}s at step {summary['step']}:")
-  for key, value in summary.items():
-    if key.startswith(("test/", "val/")):
-      print(f"  {key:>16s}  {value:.4f}")
+  for results in summary.get("members", [summary]):
+    if "lr" in results:  # a member of --lr_members
+      print(f"  lr {results['lr']:g} (member {summary['members'].index(results)}):")
+    for key, value in results.items():
+      if key.startswith(("test/", "val/")):
+        print(f"  {key:>16s}  {value:.4f}")
   print(f"results: {os.path.join(workdir, RESULTS_FILE)}")
 
 if __name__ == "__main__":

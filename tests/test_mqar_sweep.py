@@ -184,3 +184,32 @@ def test_a_stop_signal_reaches_every_parallel_run(tmp_path):
   assert len(list(work.glob("*/started"))) == 2
   assert not os.path.exists(tmp_path / "s.json")  # no point finished
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the sweep's handler is gone
+
+
+def test_members_train_each_points_lrs_as_one_run(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3, 3.2e-3], "steps": 5,
+              "run_set": []}
+  calls = []
+
+  def train(run, config, workdir):
+    calls.append((run.lr_members, os.path.basename(workdir)))
+    if not run.lr_members:
+      return fake_summary(config, run.optimizer.learning_rate)
+    members = [fake_summary(config, lr) for lr in run.lr_members]
+    return {"step": 5, "state_bytes": members[0]["state_bytes"], "members": [
+        {"lr": lr, **{k: v for k, v in m.items() if k.startswith("test/")}}
+        for lr, m in zip(run.lr_members, members)]}
+
+  results = {}
+  for members in (False, True):
+    out = str(tmp_path / f"sweep{members}")
+    assert recall_sweep.sweep(points, {**settings, **({"members": True} if members else {})},
+                              out, str(tmp_path), train)
+    with open(out + ".json") as f:
+      results[members] = json.load(f)["points"]
+  assert [c[0] for c in calls[4:]] == [(1e-3, 3.2e-3)] * 2  # one run per point
+  assert all(c[1].endswith("_lrs0.001-0.0032") for c in calls[4:])
+  strip = lambda p: {**p, "seconds": None, "all_runs": [  # noqa: E731
+      {**r, "seconds": None} for r in p["all_runs"]]}
+  assert [strip(p) for p in results[True]] == [strip(p) for p in results[False]]

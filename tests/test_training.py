@@ -15,6 +15,7 @@ import pytest
 from based_jax.config import get_config
 from based_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer
 from based_jax.training.run_config import RunConfig
+from based_jax.training.checkpointing import load_checkpoint
 from based_jax.training.trainer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +110,8 @@ def run_cli(*args):
     (["--learning_rate=-1"], "learning_rate must be > 0"),
     (["--model_set=window=0", "--model=mqar_sliding_window"], "window must be >= 1"),
     (["--model_set=colour=3"], "bad override"),
+    (["--lr_members=1e-3,fast"], "--lr_members must be learning rates"),
+    (["--lr_members=1e-3,1e-3"], "lr_members repeats a learning rate"),
 ])
 def test_bad_flags_give_clear_errors(args, message, tmp_path):
   result = run_cli(*args, f"--workdir={tmp_path}")
@@ -163,3 +166,40 @@ def test_sharded_step_on_8_devices_equals_single_device():
   result = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
   assert "SHARDED_OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_lr_members_train_as_separate_runs_of_their_rates(tmp_path):
+  """Each member of an lr_members run equals a run of its rate alone (same init, data and
+  dropout keys), in parameters and in every evaluation; a paused members run resumes."""
+  model = TINY_MODEL.replace(embed_dropout=0.1)
+  rates = (1e-3, 3e-3, 1e-2)
+  run = TINY_RUN.replace(lr_members=rates)
+  summary, state = train(run, model, str(tmp_path / "members"), steps_this_run=8)
+  summary, state = train(run, model, str(tmp_path / "members"))  # resumed at step 8
+  assert summary["step"] == 14 and [m["lr"] for m in summary["members"]] == list(rates)
+  for m, lr in enumerate(rates):
+    alone, alone_state = train(
+        TINY_RUN.replace(optimizer=dataclasses.replace(TINY_RUN.optimizer, learning_rate=lr)),
+        model, str(tmp_path / f"lr{lr}"))
+    for a, b in zip(jax.tree.leaves(alone_state.params), jax.tree.leaves(state.params)):
+      np.testing.assert_allclose(np.asarray(b[m]), np.asarray(a), rtol=2e-5, atol=2e-6)
+    got = summary["members"][m]
+    assert got.keys() >= {k for k in alone if k.startswith("test/")}
+    for key in (k for k in alone if k.startswith("test/")):
+      assert got[key] == pytest.approx(alone[key], abs=1e-9)
+  kernel = np.asarray(jax.tree.leaves(state.params)[-1])
+  assert not np.allclose(kernel[0], kernel[-1])  # the rates made different models
+  with pytest.raises(ValueError, match=r"3 models side by side .* pass member=0..2"):
+    load_checkpoint(str(tmp_path / "members"))
+  _, loaded = load_checkpoint(str(tmp_path / "members"), member=1)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b[1]))
+  with pytest.raises(ValueError, match="no lr_members"):
+    load_checkpoint(str(tmp_path / "lr0.001"), member=0)
+
+
+def test_lr_members_are_checked():
+  with pytest.raises(ValueError, match="lr_members must be learning rates > 0"):
+    TINY_RUN.replace(lr_members=(1e-3, 0.0))
+  with pytest.raises(ValueError, match="repeats"):
+    TINY_RUN.replace(lr_members=(1e-3, 1e-3))

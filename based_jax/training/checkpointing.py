@@ -208,7 +208,12 @@ def abstract_like(state_shapes: TrainState, shardings: TrainState) -> TrainState
                       state_shapes, shardings)
 
 
-def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConfig, Any]:
+class MemberError(ValueError):
+  """`load_checkpoint`'s `member` does not fit the run (not a checkpoint that cannot be read)."""
+
+
+def load_checkpoint(workdir: str, step: Optional[int] = None,
+                    member: Optional[int] = None) -> tuple[ModelConfig, Any]:
   """The model config and parameters of a training run, from its workdir.
 
   Args:
@@ -216,6 +221,8 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConf
       checkpoint's directory (`save_model_only`).
     step: which checkpoint; None for the newest readable one (a model-only checkpoint has
       one, and takes None).
+    member: of a run with `lr_members`, which model (its index in lr_members); required
+      there, refused elsewhere.
 
   Returns:
     (config, params): the run's exact `ModelConfig` and its parameters (a pytree of arrays on
@@ -223,11 +230,12 @@ def load_checkpoint(workdir: str, step: Optional[int] = None) -> tuple[ModelConf
     parameters are read, not the optimizer state.
   """
   if is_model_only(workdir):
-    if step is not None:
+    if step is not None or member is not None:
       raise ValueError(f"{workdir!r} is a model-only checkpoint (one set of weights, no "
-                       f"steps); load it with step=None, not step={step}")
+                       f"steps); load it with step=None and member=None")
     return _load_model_only(workdir)
-  return _read_checkpoint(workdir, step, _load_step)
+  return _read_checkpoint(workdir, step,
+                          lambda manager, s: _load_step(manager, s, workdir, member))
 
 
 def is_model_only(directory: str) -> bool:
@@ -309,6 +317,8 @@ def _read_checkpoint(workdir: str, step: Optional[int], read):
   for s in steps:
     try:
       return read(manager, s)
+    except MemberError:
+      raise
     except Exception as e:  # noqa: BLE001 - reported, then the next older one is tried
       errors.append(f"step {s} at {os.path.join(directory, str(s))}: {_first_line(e)}")
       if step is None:
@@ -318,12 +328,21 @@ def _read_checkpoint(workdir: str, step: Optional[int], read):
   raise ValueError("no readable checkpoint: " + "; ".join(errors))
 
 
-def _load_step(manager: ocp.CheckpointManager, step: int) -> tuple[ModelConfig, Any]:
-  if "model" in manager.item_metadata(step).keys():
+def _load_step(manager: ocp.CheckpointManager, step: int, workdir: str,
+               member: Optional[int]) -> tuple[ModelConfig, Any]:
+  items = manager.item_metadata(step).keys()
+  run = (manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+         if "config" in items else {})
+  members = run.get("lr_members") or []
+  if members and (member is None or not 0 <= member < len(members)):
+    raise MemberError(f"{workdir!r} trained {len(members)} models side by side (lr_members "
+                      f"{members}): pass member=0..{len(members) - 1}, got {member}")
+  if member is not None and not members:
+    raise MemberError(f"{workdir!r} trained one model (no lr_members): pass member=None")
+  if "model" in items:
     config = ModelConfig(**manager.restore(step, args=ocp.args.Composite(
         model=ocp.args.JsonRestore()))["model"])
   else:  # checkpoints written before the model item: the run config's model.* fields
-    run = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     config = ModelConfig(**{k[len("model."):]: v for k, v in run.items()
                             if k.startswith("model.")})
   meta = manager.item_metadata(step)["state"].tree
@@ -334,4 +353,5 @@ def _load_step(manager: ocp.CheckpointManager, step: int) -> tuple[ModelConfig, 
       state=ocp.args.PyTreeRestore(item=target, partial_restore=True,
                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
                                        target))))
-  return config, restored["state"]["params"]
+  params = restored["state"]["params"]
+  return config, params if member is None else jax.tree.map(lambda x: x[member], params)

@@ -58,7 +58,14 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig,
+                   unit_rate: bool = False) -> optax.GradientTransformation:
+  """The optimizer of `config`; `unit_rate`: at peak learning rate 1, for a caller that
+  multiplies the updates by a rate of its own (`RunConfig.lr_members`). AdamW's update,
+  decoupled weight decay included, is linear in the learning rate, so that is the same
+  optimizer at that rate."""
+  if unit_rate:
+    config = dataclasses.replace(config, learning_rate=1.0)
   adamw = optax.adamw(schedule(config), b1=config.b1, b2=config.b2,
                       weight_decay=config.weight_decay,
                       mask=decay_mask if config.decay == "matrices" else None)

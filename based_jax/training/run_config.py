@@ -61,6 +61,11 @@ class RunConfig:
   # of a random init; its model config must equal the run's.
   init_from: str = ""
   optimizer: OptimizerConfig = OptimizerConfig()  # AdamW + schedule.
+  # Learning rates trained side by side in one program: one copy of the model per rate, from
+  # the same init on the same batches, each with `optimizer` at its own peak rate (a
+  # learning-rate sweep as one run; for small models cheaper on a GPU than separate runs).
+  # () trains one model at optimizer.learning_rate.
+  lr_members: tuple[float, ...] = ()
 
   def __post_init__(self):
     for name in ("batch_size", "eval_every", "log_every", "checkpoint_every", "vocab_size",
@@ -69,6 +74,10 @@ class RunConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if any(not lr > 0 for lr in self.lr_members):
+      raise ValueError(f"lr_members must be learning rates > 0, got {self.lr_members}")
+    if len(set(self.lr_members)) != len(self.lr_members):
+      raise ValueError(f"lr_members repeats a learning rate: {self.lr_members}")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must divide "
                        f"batch_size={self.batch_size}")

@@ -66,6 +66,23 @@ def init_state(model: LanguageModel, optimizer: optax.GradientTransformation, se
   return TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key_data(rng))
 
 
+# The axes of a stacked state (`stack_members`): one step count, the rest per member.
+MEMBER_AXES = TrainState(step=None, params=0, opt_state=0, rng=0)
+
+
+def stack_members(state: TrainState, members: int) -> TrainState:
+  """`members` identical copies of `state`'s params, optimizer state and key on a new leading
+  axis (`RunConfig.lr_members`; the step count stays one scalar): the same init and the same
+  dropout keys, so member m trains as a run of its rate alone."""
+  stack = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (members, *x.shape)), tree)
+  return TrainState(state.step, stack(state.params), stack(state.opt_state), stack(state.rng))
+
+
+def member(tree, m: int):
+  """Member m of a stacked pytree (`stack_members`)."""
+  return jax.tree.map(lambda x: x[m], tree)
+
+
 def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
   """FSDP shardings for params and optimizer state; step and rng replicated."""
   return TrainState(step=sharding.replicated(mesh),
@@ -75,8 +92,13 @@ def state_shardings(mesh: Mesh, abstract_state: TrainState) -> TrainState:
 
 
 def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, shardings: TrainState, grad_accum_steps: int = 1):
+                    mesh: Mesh, shardings: TrainState, grad_accum_steps: int = 1,
+                    lr_members: tuple[float, ...] = ()):
   """A jitted (state, batch, max_labels) -> (state, metrics), the state donated.
+
+  With `lr_members` the state is stacked (`stack_members`), `optimizer` is at unit rate
+  (`make_optimizer(..., unit_rate=True)`), and the step is vmapped over the members: each
+  gets the same batch and its updates times its rate; every metric is then [members].
 
   The batch [B, T] is the global batch of one optimizer step; with `grad_accum_steps` A it is
   run as A micro-batches of B / A rows (row r in micro-batch r mod A, so each device splits
@@ -87,7 +109,8 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
   """
   grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
 
-  def train_step(state: TrainState, batch, max_labels: Optional[int]):
+  def train_step(state: TrainState, batch, max_labels: Optional[int],
+                 rate: Optional[jnp.ndarray] = None):
     micro = jax.tree.map(
         lambda x: x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
         .swapaxes(0, 1), batch)
@@ -108,14 +131,24 @@ def make_train_step(model: LanguageModel, optimizer: optax.GradientTransformatio
     denominator = jnp.maximum(count, 1)
     grads = jax.tree.map(lambda g: g / denominator.astype(g.dtype), grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    if rate is not None:
+      updates = jax.tree.map(lambda u: u * rate.astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     rng = jax.random.key_data(next_rng)
     metrics = {"loss": loss_sum / denominator, "accuracy": correct / denominator,
                "grad_norm": optax.tree.norm(grads)}
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
+  step = train_step
+  if lr_members:
+    rates = jnp.asarray(lr_members, jnp.float32)
+
+    def step(state: TrainState, batch, max_labels: Optional[int]):
+      return jax.vmap(lambda s, r: train_step(s, batch, max_labels, r),
+                      in_axes=(MEMBER_AXES, 0), out_axes=(MEMBER_AXES, 0))(state, rates)
+
   batch_sharding = sharding.batch_sharding(mesh)
-  return jax.jit(train_step, in_shardings=(shardings, batch_sharding),
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0,
                  static_argnums=2)
 

@@ -84,12 +84,58 @@ class StopRequest:
     return (self.signal or "SIGTERM") if multihost.any_true(self.signal is not None) else None
 
 
+class _MembersEval:
+  """The task's evaluation and done test, and the metric names, for one model or for the
+  members of `RunConfig.lr_members`: member results are the task's keys with "/lr<rate>"
+  appended (e.g. "test/mean/lr0.001"), and the run is done when every member is."""
+
+  def __init__(self, task, eval_step, members: tuple[float, ...], param_shardings):
+    self._task, self._eval_step, self._members = task, eval_step, members
+    self._take = jax.jit(step_lib.member, static_argnums=1, out_shardings=param_shardings)
+
+  def __call__(self, params) -> dict[str, float]:
+    if not self._members:
+      return self._task.evaluate(self._eval_step, params)
+    return {f"{k}/lr{lr:g}": v for m, lr in enumerate(self._members)
+            for k, v in self._task.evaluate(self._eval_step, self._take(params, m)).items()}
+
+  def of_member(self, results: dict, lr: float) -> dict:
+    suffix = f"/lr{lr:g}"
+    return {k[:-len(suffix)]: v for k, v in results.items() if k.endswith(suffix)}
+
+  def done(self, results: dict) -> bool:
+    if not self._members:
+      return self._task.done(results)
+    return bool(results) and all(self._task.done(self.of_member(results, lr))
+                                 for lr in self._members)
+
+  def scalars(self, prefix: str, metrics: dict) -> dict[str, float]:
+    """Per-step metrics (arrays: scalars, or [members]) as named floats."""
+    if not self._members:
+      return {prefix + k: float(v) for k, v in metrics.items()}
+    return {f"{prefix}{k}/lr{lr:g}": float(v[m]) for k, v in metrics.items()
+            for m, lr in enumerate(self._members)}
+
+  def show(self, values) -> str:
+    """A metric for the progress bar: one number, or one per member."""
+    return "/".join(f"{float(v):.3f}" for v in jnp.ravel(values))
+
+  def headline(self, results: dict) -> dict[str, str]:
+    """The task's headline result for the progress bar, if evaluated."""
+    key = self._task.headline
+    values = [r[key] for r in ([results] if not self._members else
+                               [self.of_member(results, lr) for lr in self._members])
+              if key in r]
+    return {key.split("/")[-1]: "/".join(f"{v:.3f}" for v in values)} if values else {}
+
+
 def train(run: RunConfig, model_config: ModelConfig, workdir: str,
           steps_this_run: Optional[int] = None) -> tuple[dict, step_lib.TrainState]:
   """Trains (or resumes) and returns a summary and the final train state.
 
   The summary holds "step", the task's facts (MQAR: "state_bytes") and the evaluation of the
-  final step; a run stopped by a signal has "interrupted" (the signal's name) instead.
+  final step (with `run.lr_members`: "members", one {"lr", evaluation} per member); a run
+  stopped by a signal has "interrupted" (the signal's name) instead.
   `steps_this_run` stops (with a checkpoint) after that many steps; rerun to continue.
   """
   mesh = sharding.make_mesh()
@@ -120,10 +166,19 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   checkpointer = Checkpointer(checkpoint_dir(workdir), run.keep_checkpoints)
   checkpointer.check_compatible(run_json, json_defaults())
 
-  model, optimizer = LanguageModel(model_config), make_optimizer(run.optimizer)
+  members = run.lr_members
+  model = LanguageModel(model_config)
+  optimizer = make_optimizer(run.optimizer, unit_rate=bool(members))
   example = jnp.zeros((1, 8), jnp.int32)
-  shapes = jax.eval_shape(lambda: step_lib.init_state(model, optimizer, run.seed, example))
+
+  def init(params=None) -> step_lib.TrainState:
+    state = step_lib.init_state(model, optimizer, run.seed, example, params)
+    return step_lib.stack_members(state, len(members)) if members else state
+
+  shapes = jax.eval_shape(init)
   shardings = step_lib.state_shardings(mesh, shapes)
+  single = step_lib.state_shardings(mesh, jax.eval_shape(
+      lambda: step_lib.init_state(model, optimizer, run.seed, example)))
   iterator = task.train_iterator
   restored = checkpointer.restore(abstract_like(shapes, shardings), iterator,
                                   task.global_data_state)
@@ -133,11 +188,12 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
       print(f"resumed from step {int(state.step)} in {workdir}")
   else:
     params = _initial_params(run, model_config) if run.init_from else None
-    state = jax.jit(lambda p: step_lib.init_state(model, optimizer, run.seed, example, p),
-                    out_shardings=shardings)(params)
+    state = jax.jit(init, out_shardings=shardings)(params)
     progress = {}
-  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, run.grad_accum_steps)
-  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
+  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, run.grad_accum_steps,
+                                        members)
+  members_eval = _MembersEval(task, step_lib.make_eval_step(model, mesh, single.params),
+                              members, single.params)
 
   if lead:
     print(f"model {run.model}: d_model {model_config.d_model}; {task.description}; "
@@ -146,7 +202,7 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   last = run.optimizer.total_steps
   # The evaluation of the checkpointed step, if it had one.
   results = (progress.get("results") or {}) if progress.get("results_step") == start else {}
-  if task.done(results):
+  if members_eval.done(results):
     if lead:
       print(f"step {start} already reached the target: nothing to train")
     last = start
@@ -166,29 +222,28 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
       interrupted = stop.agreed(step, run.log_every)
       pause = step - start == steps_this_run or interrupted is not None
       if step % run.log_every == 0 or finished or pause:
-        metrics = {f"train/{k}": float(v) for k, v in metrics.items()}
+        postfix = {"loss": members_eval.show(metrics["loss"])}
+        metrics = members_eval.scalars("train/", metrics)
         metrics["train/tokens_per_s"] = tokens / (time.perf_counter() - tick)
-        postfix = {"loss": f"{metrics['train/loss']:.3f}",
-                   "tok_s": f"{metrics['train/tokens_per_s']:,.0f}"}
+        postfix["tok_s"] = f"{metrics['train/tokens_per_s']:,.0f}"
         if peak:
           if flops_per_token is None:
             flops_per_token = flops.train_flops_per_token(model_config, batch["inputs"].shape[1])
-          metrics["train/mfu"] = (metrics["train/tokens_per_s"] * flops_per_token /
-                                  (peak * jax.device_count()))
+          metrics["train/mfu"] = (metrics["train/tokens_per_s"] * flops_per_token *
+                                  max(len(members), 1) / (peak * jax.device_count()))
           postfix["mfu"] = f"{metrics['train/mfu']:.1%}"
-        if task.headline in results:
-          postfix[task.headline.split("/")[-1]] = f"{results[task.headline]:.3f}"
+        postfix.update(members_eval.headline(results))
         tokens, tick = 0, time.perf_counter()
         if lead:
           writer.write(step, metrics)
         bar.set_postfix(postfix)
       if step % run.eval_every == 0 or finished:
-        results = task.evaluate(eval_step, state.params)
+        results = members_eval(state.params)
         progress = {"results": results, "results_step": step}
         if lead and results:
           writer.write(step, results)
           bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-        finished = finished or task.done(results)
+        finished = finished or members_eval.done(results)
         tick = time.perf_counter()  # evaluation time is not training throughput
       if step % run.checkpoint_every == 0 or finished or pause:
         checkpointer.save(state, iterator, run_json, model_config,
@@ -208,8 +263,11 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   if interrupted is not None:
     return {**summary, "interrupted": interrupted}, state
   if progress.get("results_step") != int(state.step):  # paused between evaluations
-    results = task.evaluate(eval_step, state.params)
-  summary.update(results)
+    results = members_eval(state.params)
+  if members:
+    summary["members"] = [{"lr": lr, **members_eval.of_member(results, lr)} for lr in members]
+  else:
+    summary.update(results)
   if lead:
     tmp = os.path.join(workdir, RESULTS_FILE + ".tmp")
     with open(tmp, "w") as f:
