@@ -73,6 +73,9 @@ def resolve_config() -> tuple[RunConfig, ModelConfig]:
       rates = tuple(float(lr) for lr in _LR_MEMBERS.value)
     except ValueError as e:
       raise ValueError(f"--lr_members must be learning rates, got {_LR_MEMBERS.value}") from e
+    if flags.FLAGS["learning_rate"].present:
+      raise ValueError("--learning_rate has no effect with --lr_members (each member trains "
+                       "at its own rate): give one of them")
     run = run.replace(lr_members=rates)
   model = get_config(run.model, **parse_assignments(ModelConfig, list(run.model_set)))
   return run, model

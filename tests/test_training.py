@@ -112,6 +112,7 @@ def run_cli(*args):
     (["--model_set=colour=3"], "bad override"),
     (["--lr_members=1e-3,fast"], "--lr_members must be learning rates"),
     (["--lr_members=1e-3,1e-3"], "lr_members repeats a learning rate"),
+    (["--lr_members=1e-3,2e-3", "--learning_rate=1e-3"], "no effect with --lr_members"),
 ])
 def test_bad_flags_give_clear_errors(args, message, tmp_path):
   result = run_cli(*args, f"--workdir={tmp_path}")
