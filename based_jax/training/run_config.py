@@ -76,7 +76,7 @@ class RunConfig:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
     if any(not lr > 0 for lr in self.lr_members):
       raise ValueError(f"lr_members must be learning rates > 0, got {self.lr_members}")
-    if len(set(self.lr_members)) != len(self.lr_members):
+    if len({f"{lr:g}" for lr in self.lr_members}) != len(self.lr_members):  # names members
       raise ValueError(f"lr_members repeats a learning rate: {self.lr_members}")
     if self.batch_size % self.grad_accum_steps:
       raise ValueError(f"grad_accum_steps={self.grad_accum_steps} must divide "

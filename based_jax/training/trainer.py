@@ -84,6 +84,11 @@ class StopRequest:
     return (self.signal or "SIGTERM") if multihost.any_true(self.signal is not None) else None
 
 
+def _member_key(key: str, lr: float) -> str:
+  """A member's name for the task's result or metric `key` (`RunConfig.lr_members`)."""
+  return f"{key}/lr{lr:g}"
+
+
 class _MembersEval:
   """The task's evaluation and done test, and the metric names, for one model or for the
   members of `RunConfig.lr_members`: member results are the task's keys with "/lr<rate>"
@@ -96,11 +101,11 @@ class _MembersEval:
   def __call__(self, params) -> dict[str, float]:
     if not self._members:
       return self._task.evaluate(self._eval_step, params)
-    return {f"{k}/lr{lr:g}": v for m, lr in enumerate(self._members)
+    return {_member_key(k, lr): v for m, lr in enumerate(self._members)
             for k, v in self._task.evaluate(self._eval_step, self._take(params, m)).items()}
 
   def of_member(self, results: dict, lr: float) -> dict:
-    suffix = f"/lr{lr:g}"
+    suffix = _member_key("", lr)
     return {k[:-len(suffix)]: v for k, v in results.items() if k.endswith(suffix)}
 
   def done(self, results: dict) -> bool:
@@ -113,7 +118,7 @@ class _MembersEval:
     """Per-step metrics (arrays: scalars, or [members]) as named floats."""
     if not self._members:
       return {prefix + k: float(v) for k, v in metrics.items()}
-    return {f"{prefix}{k}/lr{lr:g}": float(v[m]) for k, v in metrics.items()
+    return {_member_key(prefix + k, lr): float(v[m]) for k, v in metrics.items()
             for m, lr in enumerate(self._members)}
 
   def show(self, values) -> str:
