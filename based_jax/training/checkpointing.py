@@ -44,7 +44,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from based_jax.config import ModelConfig
-from based_jax.training import multihost
+from based_jax.training import multihost, step as step_lib
 from based_jax.training.step import TrainState
 from based_jax.training.workdir import check_writable
 
@@ -354,4 +354,4 @@ def _load_step(manager: ocp.CheckpointManager, step: int, workdir: str,
                                    restore_args=ocp.checkpoint_utils.construct_restore_args(
                                        target))))
   params = restored["state"]["params"]
-  return config, params if member is None else jax.tree.map(lambda x: x[member], params)
+  return config, params if member is None else step_lib.member(params, member)

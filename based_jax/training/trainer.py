@@ -29,6 +29,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import tqdm
 
 from based_jax.config import ModelConfig
@@ -123,7 +124,7 @@ class _MembersEval:
 
   def show(self, values) -> str:
     """A metric for the progress bar: one number, or one per member."""
-    return "/".join(f"{float(v):.3f}" for v in jnp.ravel(values))
+    return "/".join(f"{v:.3f}" for v in np.ravel(np.asarray(values)))
 
   def headline(self, results: dict) -> dict[str, str]:
     """The task's headline result for the progress bar, if evaluated."""
@@ -182,8 +183,8 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
 
   shapes = jax.eval_shape(init)
   shardings = step_lib.state_shardings(mesh, shapes)
-  single = step_lib.state_shardings(mesh, jax.eval_shape(
-      lambda: step_lib.init_state(model, optimizer, run.seed, example)))
+  single = shardings if not members else step_lib.state_shardings(mesh, jax.eval_shape(
+      lambda: step_lib.init_state(model, optimizer, run.seed, example)))  # one member's
   iterator = task.train_iterator
   restored = checkpointer.restore(abstract_like(shapes, shardings), iterator,
                                   task.global_data_state)
