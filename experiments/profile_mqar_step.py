@@ -6,6 +6,7 @@ step's GPU time by module at each training length.
 
 The default is the `paper_figure2` sweep's point BASED d=128 d'=16 as the grid trains it
 (`mqar_zoology`, zoology's blocks, embedding dropout 0.1) in bf16. In one process it measures:
+- `iterator_ms`: the grain iterator's time per batch alone;
 - `loop_ms`: a step as the trainer takes it (a batch from the grain iterator, placed on the
   devices, the jitted step), per step over --steps steps;
 - `device_batches_ms`: the same steps on batches already on the devices: the device's work or
@@ -73,8 +74,12 @@ def profile(run_name: str, config: ModelConfig, steps: int, top: int) -> dict:
     jax.block_until_ready(metrics)
     return ms
 
+  start = time.perf_counter()
+  for _ in range(max(steps, 200)):
+    next(iterator)
+  iterator_ms = (time.perf_counter() - start) / max(steps, 200) * 1e3
   timed([placed(next(iterator)) for _ in range(50)])  # compiles every training length
-  result = {"steps": steps,
+  result = {"steps": steps, "iterator_ms": iterator_ms,
             "loop_ms": timed(placed(next(iterator)) for _ in range(steps))}  # as the trainer
   on_device = [placed(next(iterator)) for _ in range(steps)]
   jax.block_until_ready(on_device)
