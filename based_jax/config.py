@@ -46,6 +46,10 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "block")
 # Whose architecture details a model follows (`ModelConfig.block_style`, docs/mixers.md).
 BLOCK_STYLES = ("based", "zoology")
+# Every implementation switch of ModelConfig and what it takes; each takes "xla", plain JAX.
+IMPL_CHOICES = {"linear_attention_impl": LINEAR_ATTENTION_IMPLS,
+                "attention_impl": ATTENTION_IMPLS, "attention_decode_impl": ATTENTION_IMPLS,
+                "norm_impl": NORM_IMPLS, "ssm_impl": SSM_IMPLS}
 
 
 def _check_field_types(config) -> None:
@@ -169,11 +173,7 @@ class ModelConfig:
       raise ValueError(f"embed_dropout must be a rate in [0, 1), got {self.embed_dropout}")
     for name, allowed in (("dtype", DTYPES), ("param_dtype", DTYPES),
                           ("la_state_dtype", DTYPES),
-                          ("linear_attention_impl", LINEAR_ATTENTION_IMPLS),
-                          ("attention_impl", ATTENTION_IMPLS),
-                          ("attention_decode_impl", ATTENTION_IMPLS),
-                          ("norm_impl", NORM_IMPLS),
-                          ("ssm_impl", SSM_IMPLS),
+                          *IMPL_CHOICES.items(),
                           ("remat", REMAT_POLICIES),
                           ("block_style", BLOCK_STYLES),
                           ("la_feature_map", FEATURE_MAPS)):
@@ -249,6 +249,12 @@ class ModelConfig:
   def replace(self, **changes) -> "ModelConfig":
     """A validated copy with some fields changed."""
     return dataclasses.replace(self, **changes)
+
+  def all_xla(self) -> "ModelConfig":
+    """This model with every implementation switch on "xla": plain JAX that any backend can
+    lower (a CPU lowering on a GPU machine, such as an HLO FLOP count) and whose work XLA
+    sees (kernels and cuDNN calls are opaque to its cost analysis). The same math."""
+    return self.replace(**{field: "xla" for field in IMPL_CHOICES})
 
 
 GPT2_PADDED_VOCAB = 50264

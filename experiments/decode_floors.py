@@ -66,8 +66,7 @@ def flops_per_step(config: ModelConfig, batch: int, max_len: int) -> float:
   (lowered from shapes, nothing run), with every mixer on its XLA path so all work is visible
   (kernels and cuDNN calls are opaque to the count; the math is the same). At large batches the
   weight matmuls (2 * params * B) dominate."""
-  config = config.replace(linear_attention_impl="xla", attention_impl="xla",
-                          attention_decode_impl="xla")
+  config = config.all_xla()  # also: lowered for the CPU below, whatever the default backend
   model = LanguageModel(config)
   params = jax.eval_shape(lambda: init_params(config))
   cache = jax.eval_shape(lambda: as_carry(init_cache(config, batch, max_len)))

@@ -76,6 +76,17 @@ def test_compute_floor_counts_two_flops_per_weight_per_token():
                                                       bandwidth=1e12, peak_flops=0)[0]
 
 
+def test_compute_floor_is_counted_on_the_cpu_from_a_gpu_process(monkeypatch):
+  # The count lowers the step for the CPU; with the default backend a GPU, every "auto"
+  # implementation would pick a GPU kernel the CPU cannot lower (the norms, the selective scan).
+  want = decode_floors.flops_per_step(model_config("based_tiny", "float32"), 4, 32)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  for spec in ("based_tiny", "mqar_mamba"):
+    config = model_config(spec, "float32")
+    assert decode_floors.flops_per_step(config, 4, 32) > 0
+  assert decode_floors.flops_per_step(model_config("based_tiny", "float32"), 4, 32) == want
+
+
 def test_floor_reads_the_valid_kv_cache_once():
   config = model_config("transformer_pp_tiny", "bfloat16")  # 2 layers, d 64
   floor = decode_floors.bytes_breakdown(config, 4, 100, 20, param_bytes=0)
