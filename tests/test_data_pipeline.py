@@ -76,3 +76,53 @@ def test_bad_arguments():
                                  process_count=2)
   with pytest.raises(ValueError, match="weights"):
     pipeline.make_train_iterator(make_slices(), batch_size=2, seed=0, weights=[1.0])
+
+
+def test_epochs_order_walks_the_slices_in_turn_unshuffled_as_zoology():
+  slices = make_slices()  # 40 rows of 16 tokens, then 24 rows of 32
+  it = pipeline.make_train_iterator(slices, batch_size=16, seed=0, order="epochs")
+  for _ in range(2):  # every epoch the same: 3 batches of slice 0, then 2 of slice 1
+    for data, starts in ((slices[0], (0, 16, 32)), (slices[1], (0, 16))):
+      for start in starts:
+        batch = next(it)
+        rows = data.inputs[start:start + 16]
+        np.testing.assert_array_equal(batch["inputs"][:len(rows)], rows)
+        np.testing.assert_array_equal(batch["labels"][:len(rows)], data.labels[start:start + 16])
+        assert batch["inputs"].shape == (16, data.inputs.shape[1])
+        assert np.all(batch["labels"][len(rows):] == mqar.IGNORE)  # the partial last batch
+        assert np.all(batch["inputs"][len(rows):] == mqar.PAD)
+
+
+def test_epochs_order_splits_each_global_batch_over_processes():
+  slices = make_slices()
+  batches = [[next(it) for _ in range(5)] for it in (
+      pipeline.make_train_iterator(slices, batch_size=8, seed=0, order="epochs",
+                                   process_index=i, process_count=2) for i in range(2))]
+  alone = pipeline.make_train_iterator(slices, batch_size=16, seed=0, order="epochs")
+  for first, second in zip(*batches):
+    want = next(alone)
+    assert first["inputs"].shape == second["inputs"].shape  # the processes stay in step
+    got = {bytes(r) for b in (first, second) for r, y in zip(b["inputs"], b["labels"])
+           if (y != mqar.IGNORE).any()}
+    assert got == {bytes(r) for r, y in zip(want["inputs"], want["labels"])
+                   if (y != mqar.IGNORE).any()}
+
+
+def test_epochs_order_resumes_mid_epoch():
+  it = pipeline.make_train_iterator(make_slices(), batch_size=16, seed=0, order="epochs")
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(4)]
+  fresh = pipeline.make_train_iterator(make_slices(), batch_size=16, seed=0, order="epochs")
+  fresh.set_state(state)
+  for w in want:
+    np.testing.assert_array_equal(next(fresh)["inputs"], w["inputs"])
+
+
+def test_bad_orders():
+  with pytest.raises(ValueError, match="order must be one of"):
+    pipeline.make_train_iterator(make_slices(), batch_size=2, seed=0, order="sorted")
+  with pytest.raises(ValueError, match="weights apply to the 'mixed' order"):
+    pipeline.make_train_iterator(make_slices(), batch_size=2, seed=0, order="epochs",
+                                 weights=[1.0, 1.0])

@@ -1,6 +1,7 @@
 """Training: resume == uninterrupted, sharded == single device, clear errors for bad runs."""
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,11 @@ import optax
 import pytest
 
 from based_jax.config import get_config
-from based_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer
-from based_jax.training.run_config import RunConfig
+from based_jax.data import mqar, pipeline
+from based_jax.model import LanguageModel
+from based_jax.training import step as step_lib
+from based_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer, schedule
+from based_jax.training.run_config import RUN_PRESETS, ZOOLOGY_EPOCH_BATCHES, RunConfig
 from based_jax.training.checkpointing import load_checkpoint
 from based_jax.training.trainer import train
 
@@ -29,10 +33,14 @@ TINY_MODEL = get_config("mqar_based", d_model=32, la_feature_dim=4)
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   model = TINY_MODEL.replace(embed_dropout=0.1)  # the dropout key is part of the state too
-  whole, whole_state = train(TINY_RUN, model, str(tmp_path / "whole"))
-  first, _ = train(TINY_RUN, model, str(tmp_path / "split"), steps_this_run=8)
+  # The "epochs" order with partial batches (256 rows a slice by 24) and a held rate; the
+  # fault tests (test_faults.py) resume the default order after kill -9.
+  run = TINY_RUN.replace(data_order="epochs", batch_size=24, optimizer=dataclasses.replace(
+      TINY_RUN.optimizer, lr_hold_steps=4))
+  whole, whole_state = train(run, model, str(tmp_path / "whole"))
+  first, _ = train(run, model, str(tmp_path / "split"), steps_this_run=8)
   assert first["step"] == 8
-  resumed, resumed_state = train(TINY_RUN, model, str(tmp_path / "split"))
+  resumed, resumed_state = train(run, model, str(tmp_path / "split"))
   assert resumed["step"] == whole["step"] == 14
   for a, b in zip(jax.tree.leaves(whole_state.params), jax.tree.leaves(resumed_state.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
@@ -97,6 +105,45 @@ def test_weight_decay_reaches_the_parameters_decay_names(decay):
     np.testing.assert_allclose(q, p * factor, rtol=1e-6)
   with pytest.raises(ValueError, match="decay must be one of"):
     OptimizerConfig(decay="norms")
+
+
+def test_lr_hold_steps_moves_the_rate_once_a_hold_as_zoologys_per_epoch_cosine():
+  config = OptimizerConfig(learning_rate=1e-2, warmup_steps=0, total_steps=32 * 10,
+                           end_lr_ratio=0.0, lr_hold_steps=10)
+  for step in (0, 5, 9, 10, 15, 155, 319):  # torch CosineAnnealingLR(T_max=32) of epoch e
+    epoch = step // 10
+    want = 1e-2 * (1 + math.cos(math.pi * epoch / 32)) / 2
+    assert schedule(config)(step) == pytest.approx(want, rel=1e-5)  # float32 arithmetic
+  assert schedule(dataclasses.replace(config, lr_hold_steps=1))(15) < schedule(config)(15)
+  with pytest.raises(ValueError, match="lr_hold_steps must be >= 1"):
+    OptimizerConfig(lr_hold_steps=0)
+
+
+def test_zoology_epochs_preset_holds_the_rate_for_one_epoch_of_its_mix():
+  run = RUN_PRESETS["mqar_zoology_epochs"]
+  epoch = sum(math.ceil(s.num_examples / run.batch_size) for s in mqar.get_mix(run.train_mix))
+  assert epoch == ZOOLOGY_EPOCH_BATCHES == run.optimizer.lr_hold_steps
+  assert run.optimizer.total_steps == 32 * epoch and run.data_order == "epochs"
+  with pytest.raises(ValueError, match="data_order must be one of"):
+    RunConfig(data_order="sorted")
+  with pytest.raises(ValueError, match="is an MQAR order"):
+    RunConfig(task="text", data_order="epochs")
+
+
+def test_a_partial_batch_padded_with_ignored_rows_trains_as_the_partial_batch():
+  model = LanguageModel(TINY_MODEL)
+  data = mqar.generate_mqar(5, 32, 4, seed=3)
+  padded = pipeline.make_train_iterator([data], batch_size=8, seed=0, order="epochs")
+  params = model.init(jax.random.key(0), data.inputs)
+  grad = jax.grad(step_lib.loss_sums, argnums=1, has_aux=True)
+  outputs = [(step_lib.loss_sums(model, params, b, 4), grad(model, params, b, 4)[0])
+             for b in (next(padded), {"inputs": data.inputs, "labels": data.labels})]
+  (loss_a, (correct_a, count_a)), grads_a = outputs[0]
+  (loss_b, (correct_b, count_b)), grads_b = outputs[1]
+  assert (count_a, correct_a) == (count_b, correct_b) and count_a == 5 * 4
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def run_cli(*args):

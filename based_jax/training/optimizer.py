@@ -25,6 +25,10 @@ class OptimizerConfig:
   # DECAY_SETS: "matrices" (Dense and conv kernels: the BASED recipe) or "all" (every
   # parameter, norms, biases and the tied embedding too: torch AdamW as zoology uses it).
   decay: str = "matrices"
+  # The learning rate moves every this many steps and is held in between (the schedule read
+  # at the last multiple): 1 follows it every step; an epoch's length steps it once an epoch,
+  # as zoology's torch CosineAnnealingLR, stepped after each epoch, does.
+  lr_hold_steps: int = 1
 
   def __post_init__(self):
     if not self.learning_rate > 0:
@@ -37,6 +41,8 @@ class OptimizerConfig:
     for name in ("end_lr_ratio", "b1", "b2"):
       if not 0 <= getattr(self, name) < 1 + (name == "end_lr_ratio"):
         raise ValueError(f"{name} out of range: {getattr(self, name)}")
+    if self.lr_hold_steps < 1:
+      raise ValueError(f"lr_hold_steps must be >= 1, got {self.lr_hold_steps}")
     if self.decay not in DECAY_SETS:
       raise ValueError(f"decay must be one of {DECAY_SETS}, got {self.decay!r}")
     if self.weight_decay < 0 or self.grad_clip < 0:
@@ -45,9 +51,14 @@ class OptimizerConfig:
 
 
 def schedule(config: OptimizerConfig) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
+  """Linear warm-up from 0, then cosine to end_lr_ratio x the peak at total_steps, read every
+  lr_hold_steps steps."""
+  smooth = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
       decay_steps=config.total_steps, end_value=config.learning_rate * config.end_lr_ratio)
+  if config.lr_hold_steps == 1:
+    return smooth
+  return lambda step: smooth(step // config.lr_hold_steps * config.lr_hold_steps)
 
 
 def decay_mask(params):

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 from absl import flags
 
 from based_jax.config import ModelConfig
+from based_jax.data.pipeline import DATA_ORDERS
 from based_jax.training.optimizer import OptimizerConfig
 
 
@@ -46,6 +47,9 @@ class RunConfig:
   model_set: tuple[str, ...] = ()
   task: str = "mqar"  # "mqar" (synthetic recall, the MQAR fields) or "text" (the text fields).
   train_mix: str = "small_train"  # MQAR training mix name (based_jax.data.mqar.MIXES).
+  # MQAR batch order (based_jax.data.pipeline.DATA_ORDERS): "mixed" (slices drawn at random,
+  # reshuffled every epoch) or "epochs" (zoology's: each epoch the slices in turn, unshuffled).
+  data_order: str = "mixed"
   test_mix: str = "small_test"  # MQAR test mix name; its slices are evaluated separately.
   vocab_size: int = 8192  # MQAR vocabulary: keys [1, V/2), values [V/2, V).
   text: TextConfig = TextConfig()  # language modelling on text (task "text").
@@ -74,6 +78,11 @@ class RunConfig:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if self.task not in TASKS:
       raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+    if self.data_order not in DATA_ORDERS:
+      raise ValueError(f"data_order must be one of {DATA_ORDERS}, got {self.data_order!r}")
+    if self.task == "text" and self.data_order != "mixed":
+      raise ValueError(f"data_order={self.data_order!r} is an MQAR order; text runs read "
+                       "their windows in one seeded order (leave data_order 'mixed')")
     if any(not lr > 0 for lr in self.lr_members):
       raise ValueError(f"lr_members must be learning rates > 0, got {self.lr_members}")
     if len({f"{lr:g}" for lr in self.lr_members}) != len(self.lr_members):  # names members
@@ -144,6 +153,16 @@ def _paper_lm(model: str, grad_accum_steps: int, remat: str) -> RunConfig:
                                 weight_decay=0.1, grad_clip=1.0))
 
 
+# Batches of one epoch of the paper's MQAR mix at batch 256 (paper_train: 100k examples of
+# 64 tokens, then four slices of 20k; each slice's last batch partial): 391 + 4 x 79.
+ZOOLOGY_EPOCH_BATCHES = 707
+_ZOOLOGY = RunConfig(
+    train_mix="paper_train", test_mix="paper_test", batch_size=256, eval_every=500,
+    checkpoint_every=1000,
+    optimizer=OptimizerConfig(learning_rate=3.2e-3, warmup_steps=0,
+                              total_steps=32 * ZOOLOGY_EPOCH_BATCHES, end_lr_ratio=0.0,
+                              b2=0.999, grad_clip=0.0, decay="all"))
+
 RUN_PRESETS: dict[str, RunConfig] = {
     # The README default: BASED d_model 128, d' 64, init std 0.05 on the dense mix; stops at
     # 0.99 (step 400, about 2.5 minutes on 2 cores). Recipe search: docs/training.md.
@@ -165,11 +184,12 @@ RUN_PRESETS: dict[str, RunConfig] = {
     # to 0 over 32 epochs of 707 batches (180k examples by 256, the last batch of each slice
     # partial there). Its model side is `--model_set=block_style=zoology
     # --model_set=embed_dropout=0.1` (docs/mixers.md).
-    "mqar_zoology": RunConfig(
-        train_mix="paper_train", test_mix="paper_test", batch_size=256, eval_every=500,
-        checkpoint_every=1000,
-        optimizer=OptimizerConfig(learning_rate=3.2e-3, warmup_steps=0, total_steps=32 * 707,
-                                  end_lr_ratio=0.0, b2=0.999, grad_clip=0.0, decay="all")),
+    "mqar_zoology": _ZOOLOGY,
+    # And zoology's data order and schedule steps too: each epoch the slices in turn,
+    # unshuffled, and the learning rate moved once an epoch.
+    "mqar_zoology_epochs": _ZOOLOGY.replace(
+        data_order="epochs",
+        optimizer=dataclasses.replace(_ZOOLOGY.optimizer, lr_hold_steps=ZOOLOGY_EPOCH_BATCHES)),
     # The README's text default: a small BASED on the embedded King James Bible (~1.0M GPT-2
     # tokens); validation perplexity falls from ~50,000 to a few hundred in a few CPU minutes.
     "text_small": RunConfig(

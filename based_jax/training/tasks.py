@@ -69,7 +69,8 @@ class MqarTask:
     for s in train_slices:
       self._max_labels[s.seq_len] = max(self._max_labels.get(s.seq_len, 0), s.num_kv_pairs)
     self.train_iterator = pipeline.make_train_iterator(
-        train_data, batch_size=_per_process_batch(run.batch_size), seed=run.seed)
+        train_data, batch_size=_per_process_batch(run.batch_size), seed=run.seed,
+        order=run.data_order)
     self.state_bytes = state_size_bytes(
         model_config, max(s.seq_len for s in self._test_slices)).total
     self.description = (f"MQAR {run.train_mix}: {sum(len(d.inputs) for d in train_data):,} "
