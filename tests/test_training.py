@@ -16,7 +16,7 @@ import pytest
 from based_jax.config import get_config
 from based_jax.data import mqar, pipeline
 from based_jax.model import LanguageModel
-from based_jax.training import step as step_lib
+from based_jax.training import step as step_lib, trainer
 from based_jax.training.optimizer import OptimizerConfig, decay_mask, make_optimizer, schedule
 from based_jax.training.run_config import RUN_PRESETS, ZOOLOGY_EPOCH_BATCHES, RunConfig
 from based_jax.training.checkpointing import load_checkpoint
@@ -144,6 +144,39 @@ def test_a_partial_batch_padded_with_ignored_rows_trains_as_the_partial_batch():
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_every_step_program_is_compiled_once_before_the_loop(tmp_path, monkeypatch):
+  # jit's cache must serve the loop: a train or eval step compiled after compile_ahead would
+  # be a shape it missed, or one compiled twice.
+  compiled = []
+
+  def listen(event, duration, fun_name="", **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiled.append(fun_name)
+
+  ahead = {}
+
+  def compile_ahead(*args, **kwargs):
+    ahead["start"] = len(compiled)
+    ahead["count"] = real(*args, **kwargs)
+    ahead["end"] = len(compiled)
+    return ahead["count"]
+
+  real = trainer.compile_ahead
+  monkeypatch.setattr(trainer, "compile_ahead", compile_ahead)
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    train(TINY_RUN, TINY_MODEL, str(tmp_path))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  steps = lambda names: sorted(n for n in names if n in ("jit(train_step)", "jit(eval_step)"))
+  # tiny_train: 16 and 32 tokens; tiny_test: (16 tokens, 2 pairs), (32, 4): two of each.
+  assert ahead["count"] == 4
+  assert steps(compiled[ahead["start"]:ahead["end"]]) == ["jit(eval_step)"] * 2 + [
+      "jit(train_step)"] * 2
+  assert steps(compiled[ahead["end"]:]) == []
 
 
 def run_cli(*args):

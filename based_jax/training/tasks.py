@@ -9,6 +9,10 @@ A task owns its data and its evaluation; the train loop (`trainer.py`) is the sa
             windows (`text_pipeline`), every position scored; validation loss, perplexity and
             next-token accuracy ("val/loss", "val/perplexity", "val/accuracy").
 
+Each lists the programs its steps will run, `programs`: {"train": [...], "eval": [...]} of
+(T, max_labels) per batch shape (global batch [RunConfig.batch_size, T], int32), so the
+trainer can compile them all before the first step (`trainer.compile_ahead`).
+
 Both read and check all their data when built, before the train loop touches the workdir.
 """
 
@@ -71,6 +75,8 @@ class MqarTask:
     self.train_iterator = pipeline.make_train_iterator(
         train_data, batch_size=_per_process_batch(run.batch_size), seed=run.seed,
         order=run.data_order)
+    self.programs = {"train": sorted(self._max_labels.items()),
+                     "eval": sorted({(s.seq_len, s.num_kv_pairs) for s in self._test_slices})}
     self.state_bytes = state_size_bytes(
         model_config, max(s.seq_len for s in self._test_slices)).total
     self.description = (f"MQAR {run.train_mix}: {sum(len(d.inputs) for d in train_data):,} "
@@ -135,6 +141,8 @@ class TextTask:
         self._tokens, self._split, batch_size=self._batch, data_seed=text.data_seed)
     if len(self._split.val):  # fails now, not at the first evaluation, if it is too small
       next(self._eval_iterator())
+    self.programs = {"train": [(text.seq_len, None)],
+                     "eval": [(text.seq_len, None)] if len(self._split.val) else []}
     per_epoch = len(self._split.train) * text.seq_len
     self.tokens_per_step = run.batch_size * text.seq_len
     self.description = (f"text {text.data!r}: {len(self._tokens):,} tokens, "

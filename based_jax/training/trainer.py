@@ -19,6 +19,7 @@ which stops every process at the same step: the first log step (`log_every`) aft
 process received it.
 """
 
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -96,14 +97,14 @@ class _MembersEval:
   appended (e.g. "test/mean/lr0.001"), and the run is done when every member is."""
 
   def __init__(self, task, eval_step, members: tuple[float, ...], param_shardings):
-    self._task, self._eval_step, self._members = task, eval_step, members
+    self._task, self.eval_step, self._members = task, eval_step, members
     self._take = jax.jit(step_lib.member, static_argnums=1, out_shardings=param_shardings)
 
   def __call__(self, params) -> dict[str, float]:
     if not self._members:
-      return self._task.evaluate(self._eval_step, params)
+      return self._task.evaluate(self.eval_step, params)
     return {_member_key(k, lr): v for m, lr in enumerate(self._members)
-            for k, v in self._task.evaluate(self._eval_step, self._take(params, m)).items()}
+            for k, v in self._task.evaluate(self.eval_step, self._take(params, m)).items()}
 
   def of_member(self, results: dict, lr: float) -> dict:
     suffix = _member_key("", lr)
@@ -164,6 +165,25 @@ def _initial_params(run: RunConfig, model_config: ModelConfig):
   return params
 
 
+def compile_ahead(train_step, eval_step, state, params, task, batch_size: int, mesh) -> int:
+  """Compiles every program the run's steps will call, all at once in threads: the train step
+  and the eval step at each of the task's batch shapes (`task.programs`). XLA compiles outside
+  the GIL, so a run with several shapes (MQAR: one per training length and per test slice)
+  waits about its longest compile instead of their sum; jit's own cache then serves the loop.
+  `state` and `params` are the arguments (arrays or ShapeDtypeStructs with shardings).
+  Returns the number of programs."""
+  spec = sharding.batch_sharding(mesh)
+  batch = lambda t: {k: jax.ShapeDtypeStruct((batch_size, t), jnp.int32, sharding=spec)
+                     for k in ("inputs", "labels")}
+  jobs = ([(train_step, state, t, q) for t, q in task.programs["train"]] +
+          [(eval_step, params, t, q) for t, q in task.programs["eval"]])
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    for done in pool.map(lambda job: job[0].lower(job[1], batch(job[2]), job[3]).compile(),
+                         jobs):
+      del done
+  return len(jobs)
+
+
 def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
            steps_this_run: Optional[int], stop: StopRequest, task,
            mesh) -> tuple[dict, step_lib.TrainState]:
@@ -183,8 +203,9 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
 
   shapes = jax.eval_shape(init)
   shardings = step_lib.state_shardings(mesh, shapes)
-  single = shardings if not members else step_lib.state_shardings(mesh, jax.eval_shape(
-      lambda: step_lib.init_state(model, optimizer, run.seed, example)))  # one member's
+  one_shapes = shapes if not members else jax.eval_shape(
+      lambda: step_lib.init_state(model, optimizer, run.seed, example))  # one member's
+  single = step_lib.state_shardings(mesh, one_shapes)
   iterator = task.train_iterator
   restored = checkpointer.restore(abstract_like(shapes, shardings), iterator,
                                   task.global_data_state)
@@ -212,6 +233,13 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
     if lead:
       print(f"step {start} already reached the target: nothing to train")
     last = start
+  elif start < last:
+    tick = time.perf_counter()
+    count = compile_ahead(train_step, members_eval.eval_step, state,
+                          abstract_like(one_shapes.params, single.params), task,
+                          run.batch_size, mesh)
+    if lead:
+      print(f"compiled {count} programs in {time.perf_counter() - tick:.1f} s")
   peak = flops.peak_flops()
   flops_per_token = None
   writer = MetricWriter(workdir) if lead else None
