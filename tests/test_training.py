@@ -134,12 +134,11 @@ def test_a_partial_batch_padded_with_ignored_rows_trains_as_the_partial_batch():
   model = LanguageModel(TINY_MODEL)
   data = mqar.generate_mqar(5, 32, 4, seed=3)
   padded = pipeline.make_train_iterator([data], batch_size=8, seed=0, order="epochs")
-  params = model.init(jax.random.key(0), data.inputs)
-  grad = jax.grad(step_lib.loss_sums, argnums=1, has_aux=True)
-  outputs = [(step_lib.loss_sums(model, params, b, 4), grad(model, params, b, 4)[0])
-             for b in (next(padded), {"inputs": data.inputs, "labels": data.labels})]
-  (loss_a, (correct_a, count_a)), grads_a = outputs[0]
-  (loss_b, (correct_b, count_b)), grads_b = outputs[1]
+  params = jax.jit(model.init)(jax.random.key(0), data.inputs)
+  sums = jax.jit(jax.value_and_grad(lambda p, b: step_lib.loss_sums(model, p, b, 4),
+                                    has_aux=True))
+  ((loss_a, (correct_a, count_a)), grads_a), ((loss_b, (correct_b, count_b)), grads_b) = (
+      sums(params, b) for b in (next(padded), {"inputs": data.inputs, "labels": data.labels}))
   assert (count_a, correct_a) == (count_b, correct_b) and count_a == 5 * 4
   np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
