@@ -357,8 +357,9 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
       print(f"=== {point.label}: done in {out}.json")
   lrs = tuple(float(lr) for lr in settings["lrs"])
   members = bool(settings.get("members"))
-  jobs = iter([(point, group) for point in points if point.label not in finished
-               for group in ([lrs] if members else [(lr,) for lr in lrs])])
+  todo = [(point, group) for point in points if point.label not in finished
+          for group in ([lrs] if members else [(lr,) for lr in lrs])]
+  jobs, ended = iter(todo), 0  # runs to train, and how many of them have ended
   model_set = parse_assignments(ModelConfig, settings.get("model_set", []))
   runs = collections.defaultdict(list)  # label -> the summaries of its finished runs, by lr
   seconds_of = collections.Counter()  # label -> the seconds of its finished runs
@@ -401,7 +402,9 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
         runs[point.label] += [{**r, "seconds": seconds} for r in finished_runs]
         seconds_of[point.label] += seconds
         means = ", ".join(f"{r['test/mean']:.3f}" for r in finished_runs)
-        print(f"    {point.label}, {_rates(group)}: mean {means} in {seconds:.0f} s")
+        ended += 1
+        print(f"    {point.label}, {_rates(group)}: mean {means} in {seconds:.0f} s "
+              f"{_progress(ended, len(todo), time.monotonic() - start)}")
         if len(runs[point.label]) == len(lrs):
           done.append(_point_result(point, runs.pop(point.label), seconds_of[point.label]))
           write(out, done, meta, settings)  # after every point: a killed sweep keeps it
@@ -409,6 +412,14 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
                 f"{done[-1]['accuracy']:.3f} (length <= 256: {in_distribution(done[-1]):.3f})"
                 f"  lr {done[-1]['best_lr']:g}")
   return not stopped and getattr(executor, "signal", None) is None
+
+
+def _progress(ended: int, total: int, elapsed: float) -> str:
+  """'[k/n runs, m min so far, about r min left]': the time left at the mean wall time per
+  ended run so far (which counts the parallel runs)."""
+  left = elapsed / ended * (total - ended)
+  return (f"[{ended}/{total} runs, {elapsed / 60:.1f} min so far, about {left / 60:.1f} min "
+          "left]")
 
 
 def _rates(lrs: tuple[float, ...]) -> str:

@@ -4,6 +4,7 @@ signal, and the Pareto frontier is the non-dominated points."""
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -47,7 +48,7 @@ class Killed(Exception):
   """The process dying mid-run (what SIGKILL would do, without the process)."""
 
 
-def test_a_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
+def test_a_killed_sweep_resumes_without_redoing_finished_points(tmp_path, capsys):
   points = list(recall_sweep.GRIDS["cpu_figure2"].points[:3])
   settings = {"grid": "cpu_figure2", "run": "mqar_small", "lrs": [1e-3, 3.2e-3], "steps": 5,
               "run_set": []}
@@ -68,7 +69,11 @@ def test_a_killed_sweep_resumes_without_redoing_finished_points(tmp_path):
     assert [p["label"] for p in json.load(f)["points"]] == [points[0].label]
   first = list(calls)
   calls.clear()
+  capsys.readouterr()
   assert recall_sweep.sweep(points, settings, out, str(tmp_path), train)
+  progress = re.findall(r"\[(\d)/(\d) runs, [\d.]+ min so far, about [\d.]+ min left\]",
+                        capsys.readouterr().out)
+  assert progress == [(str(k), "4") for k in range(1, 5)]  # the four runs left to train
   # Point 0 is not trained again; point 1 runs again (its runs resume from their workdirs).
   assert len(calls) == 4 and calls[:2] == first[2:] and not set(first[:2]) & set(calls)
   assert len(set(first[:2] + calls)) == 6  # one workdir per (point, lr)
