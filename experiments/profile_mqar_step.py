@@ -3,6 +3,7 @@ step's GPU time by module at each training length.
 
   python -m experiments.profile_mqar_step --out=experiments/results/mqar_step_h200
   python -m experiments.profile_mqar_step --run=mqar_small --model_set= --steps=20   # CPU
+  python -m experiments.profile_mqar_step --lr_members=1e-3,3.2e-3,1e-2,3.2e-2   # one program
 
 The default is the `paper_figure2` sweep's point BASED d=128 d'=16 as the grid trains it
 (`mqar_zoology`, zoology's blocks, embedding dropout 0.1) in bf16. In one process it measures:
@@ -39,22 +40,29 @@ _MODEL_SET = flags.DEFINE_list(
     "model_set", ["d_model=128", "la_feature_dim=16", "embed_dropout=0.1",
                   "block_style=zoology", "dtype=bfloat16"],
     "Model field overrides field=value, comma-separated ('' for none).")
+_MEMBERS = flags.DEFINE_list("lr_members", [], "Profile a run of these learning rates side "
+                             "by side (RunConfig.lr_members; evaluations of member 0); empty: "
+                             "one model at the run's rate.")
 _STEPS = flags.DEFINE_integer("steps", 500, "Steps per timed loop.")
 _TOP = flags.DEFINE_integer("top", 12, "Largest kernels recorded per training length.")
 _OUT = flags.DEFINE_string("out", None, "Write <out>.json.")
 
 
-def profile(run_name: str, config: ModelConfig, steps: int, top: int) -> dict:
-  run = get_run_config(run_name)
+def profile(run_name: str, config: ModelConfig, steps: int, top: int,
+            members: tuple[float, ...] = ()) -> dict:
+  run = get_run_config(run_name).replace(lr_members=members)
   if run.task != "mqar":
     raise ValueError(f"run {run_name!r} trains {run.task!r}; this profiles MQAR runs")
   mesh = sharding.make_mesh()
   task = make_task(run, config, mesh)
-  model, optimizer = LanguageModel(config), make_optimizer(run.optimizer)
-  init = lambda: step_lib.init_state(model, optimizer, run.seed, jnp.zeros((1, 8), jnp.int32))
-  shardings = step_lib.state_shardings(mesh, jax.eval_shape(init))
-  state = jax.jit(init, out_shardings=shardings)()
-  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings)
+  model = LanguageModel(config)
+  optimizer = make_optimizer(run.optimizer, unit_rate=bool(members))
+  init = lambda count: lambda: step_lib.init_state(  # stacked, or one member (count 0)
+      model, optimizer, run.seed, jnp.zeros((1, 8), jnp.int32), members=count)
+  shardings = step_lib.state_shardings(mesh, jax.eval_shape(init(len(members))))
+  param_shardings = step_lib.state_shardings(mesh, jax.eval_shape(init(0))).params
+  state = jax.jit(init(len(members)), out_shardings=shardings)()
+  train_step = step_lib.make_train_step(model, optimizer, mesh, shardings, 1, members)
   iterator = task.train_iterator
 
   def placed(batch):
@@ -105,10 +113,11 @@ def profile(run_name: str, config: ModelConfig, steps: int, top: int) -> dict:
           "by_scope_ms": {k: v / 1e3 for k, v in by_scope.most_common()},
           "top_kernels_ms": {k: v / 1e3 for k, v in by_kernel.most_common(top)}}
 
-  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
+  eval_step = step_lib.make_eval_step(model, mesh, param_shardings)
+  params = step_lib.member(state.params, 0) if members else state.params
   for key in ("first_eval_s", "eval_s"):
     start = time.perf_counter()
-    task.evaluate(eval_step, state.params)
+    task.evaluate(eval_step, params)
     result[key] = time.perf_counter() - start
   return result
 
@@ -116,9 +125,11 @@ def profile(run_name: str, config: ModelConfig, steps: int, top: int) -> dict:
 def main(argv):
   del argv
   overrides = parse_assignments(ModelConfig, [a for a in _MODEL_SET.value if a])
+  members = tuple(float(lr) for lr in _MEMBERS.value)
   result = {**run_metadata("optax", "grain"), "run": _RUN.value, "model": _MODEL.value,
-            "model_set": _MODEL_SET.value,
-            **profile(_RUN.value, get_config(_MODEL.value, **overrides), _STEPS.value, _TOP.value)}
+            "model_set": _MODEL_SET.value, "lr_members": members,
+            **profile(_RUN.value, get_config(_MODEL.value, **overrides), _STEPS.value,
+                      _TOP.value, members)}
   summary = {k: v for k, v in result.items() if k.endswith(("_ms", "_s"))}
   summary.update({f"gpu_ms_T{k}": v["gpu_ms"] for k, v in result["gpu_by_length"].items()})
   print(json.dumps(summary, indent=1))

@@ -58,12 +58,14 @@ def loss_sums(model: LanguageModel, params, batch, max_labels: Optional[int],
 
 
 def init_state(model: LanguageModel, optimizer: optax.GradientTransformation, seed: int,
-               example_inputs: jnp.ndarray, params=None) -> TrainState:
-  """Step 0: `params` (fine-tuning) or a fresh init, and the optimizer state for them."""
+               example_inputs: jnp.ndarray, params=None, members: int = 0) -> TrainState:
+  """Step 0: `params` (fine-tuning) or a fresh init, and the optimizer state for them;
+  `members` > 0 stacks that many copies (`stack_members`, `RunConfig.lr_members`)."""
   rng, init_rng = jax.random.split(jax.random.key(seed))
   if params is None:
     params = model.init(init_rng, example_inputs)
-  return TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key_data(rng))
+  state = TrainState(jnp.int32(0), params, optimizer.init(params), jax.random.key_data(rng))
+  return stack_members(state, members) if members else state
 
 
 # The axes of a stacked state (`stack_members`): one step count, the rest per member.

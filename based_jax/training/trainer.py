@@ -198,8 +198,7 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   example = jnp.zeros((1, 8), jnp.int32)
 
   def init(params=None) -> step_lib.TrainState:
-    state = step_lib.init_state(model, optimizer, run.seed, example, params)
-    return step_lib.stack_members(state, len(members)) if members else state
+    return step_lib.init_state(model, optimizer, run.seed, example, params, len(members))
 
   shapes = jax.eval_shape(init)
   shardings = step_lib.state_shardings(mesh, shapes)
