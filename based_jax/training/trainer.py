@@ -177,10 +177,9 @@ def compile_ahead(train_step, eval_step, state, params, task, batch_size: int, m
                      for k in ("inputs", "labels")}
   jobs = ([(train_step, state, t, q) for t, q in task.programs["train"]] +
           [(eval_step, params, t, q) for t, q in task.programs["eval"]])
+  build = lambda step, args, t, max_labels: step.lower(args, batch(t), max_labels).compile()
   with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-    for done in pool.map(lambda job: job[0].lower(job[1], batch(job[2]), job[3]).compile(),
-                         jobs):
-      del done
+    list(pool.map(lambda job: build(*job), jobs))  # raises the first failure
   return len(jobs)
 
 
