@@ -390,7 +390,16 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
         break
       for future in futures.wait(pending, return_when=futures.FIRST_COMPLETED)[0]:
         point, group = pending.pop(future)
-        summary, seconds = future.result()
+        try:
+          summary, seconds = future.result()
+        except futures.process.BrokenProcessPool as e:
+          flight = "; ".join(f"{p.label}, {_rates(g)}" for p, g in [(point, group),
+                                                                   *pending.values()])
+          raise RuntimeError(
+              f"a worker process died during a run (killed by a signal, or out of memory: "
+              f"see the runs' logs in {workdir}). Runs in flight: {flight}. Finished points "
+              f"are in {out}.json and every run resumes from its last checkpoint: rerun the "
+              "same command to continue") from e
         if "interrupted" in summary:
           print(f"{point.label}, {_rates(group)}: stopped by {summary['interrupted']}; rerun "
                 "the same command to continue")

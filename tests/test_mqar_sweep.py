@@ -170,6 +170,22 @@ def test_parallel_runs_overlap_and_record_what_one_at_a_time_does(tmp_path):
   assert [strip(p) for p in results[4]] == [strip(p) for p in results[1]]
 
 
+def dying_train(run, config, workdir):
+  """A worker's run that dies at once, as one killed by the OS does."""
+  del run, config, workdir
+  os._exit(9)  # pylint: disable=protected-access
+
+
+def test_a_worker_that_dies_ends_the_sweep_with_a_clear_error(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)[:1]
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5, "run_set": []}
+  with pytest.raises(RuntimeError, match=rf"a worker process died during a run .*"
+                                         rf"{re.escape(points[0].label)}, lr 0.001.* rerun"):
+    recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(tmp_path / "runs"),
+                       dying_train, parallel=2)
+  assert not os.path.exists(tmp_path / "s.json")
+
+
 def test_a_stop_signal_reaches_every_parallel_run(tmp_path):
   points = list(recall_sweep.GRIDS["tiny"].points)
   settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5, "run_set": []}
