@@ -145,8 +145,10 @@ def _invalid_rows(config: ModelConfig, tokens, lengths, logits_at, total,
   return bad
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init_params(config: ModelConfig, seed: int = 0):
-  """Freshly initialised parameters (a pytree) for `config`."""
+  """Freshly initialised parameters (a pytree) for `config`, in one compiled program (op by op
+  the initializers take seconds even for a tiny model)."""
   return LanguageModel(config).init(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
 
 

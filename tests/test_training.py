@@ -97,8 +97,9 @@ def test_weight_decay_reaches_the_parameters_decay_names(decay):
   config = OptimizerConfig(learning_rate=0.5, warmup_steps=0, total_steps=1, end_lr_ratio=1.0,
                            weight_decay=0.1, decay=decay)
   opt = make_optimizer(config)
-  updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
-  stepped = optax.apply_updates(params, updates)
+  step = jax.jit(lambda p: optax.apply_updates(p, opt.update(
+      jax.tree.map(jnp.zeros_like, p), opt.init(p), p)[0]))  # one program, not op by op
+  stepped = step(params)
   mask = decay_mask(params)
   for p, q, matrix in zip(*(jax.tree.leaves(t) for t in (params, stepped, mask))):
     factor = 1 - 0.5 * 0.1 if decay == "all" or matrix else 1.0
