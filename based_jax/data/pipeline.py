@@ -27,9 +27,13 @@ from based_jax.data.batch import IGNORE
 from based_jax.data.mqar import PAD, MqarBatch
 
 
-def _shard(n: int, process_index: int, process_count: int) -> np.ndarray:
+def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+
+
+def _shard(n: int, process_index: int, process_count: int) -> np.ndarray:
+  _check_process(process_index, process_count)
   return np.arange(process_index, n, process_count)
 
 
@@ -64,7 +68,7 @@ def _epoch_batches(slices: Sequence[MqarBatch], batch_size: int, process_index: 
   process_count); this process reads its batch_size of them. Rows past the slice's end are
   padding (`_pad_rows`), so every process sees the same sequence of shapes.
   """
-  _shard(1, process_index, process_count)  # checks the index
+  _check_process(process_index, process_count)
   global_batch = batch_size * process_count
   plan = [(data, start) for data in slices for start in range(0, len(data.inputs), global_batch)]
 

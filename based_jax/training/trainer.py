@@ -203,7 +203,7 @@ def _train(run: RunConfig, model_config: ModelConfig, workdir: str,
   shardings = step_lib.state_shardings(mesh, shapes)
   one_shapes = shapes if not members else jax.eval_shape(
       lambda: step_lib.init_state(model, optimizer, run.seed, example))  # one member's
-  single = step_lib.state_shardings(mesh, one_shapes)
+  single = shardings if not members else step_lib.state_shardings(mesh, one_shapes)
   iterator = task.train_iterator
   restored = checkpointer.restore(abstract_like(shapes, shardings), iterator,
                                   task.global_data_state)
