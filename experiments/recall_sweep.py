@@ -305,7 +305,10 @@ class _Processes(futures.ProcessPoolExecutor):
 
   def stop_workers(self) -> None:
     for child in multiprocessing.active_children():
-      os.kill(child.pid, signal.SIGTERM)
+      try:
+        os.kill(child.pid, signal.SIGTERM)
+      except ProcessLookupError:  # it ended (a worker that died) since it was listed
+        pass
 
   def _restore(self) -> None:
     for sig, handler in self._previous.items():
@@ -313,9 +316,9 @@ class _Processes(futures.ProcessPoolExecutor):
     self._previous = {}
 
   def __exit__(self, *exc):
-    if exc[0] is not None:  # a run failed: the others stop at a checkpoint
-      self.stop_workers()
     try:
+      if exc[0] is not None:  # a run failed: the others stop at a checkpoint
+        self.stop_workers()
       return super().__exit__(*exc)
     finally:
       self._restore()

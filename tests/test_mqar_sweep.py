@@ -8,6 +8,7 @@ import re
 import signal
 import threading
 import time
+import types
 
 import pytest
 
@@ -184,6 +185,18 @@ def test_a_worker_that_dies_ends_the_sweep_with_a_clear_error(tmp_path):
     recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(tmp_path / "runs"),
                        dying_train, parallel=2)
   assert not os.path.exists(tmp_path / "s.json")
+
+
+def test_stopping_workers_passes_over_one_that_already_ended(monkeypatch):
+  def kill(pid, signum):  # as os.kill answers for a worker that died since it was listed
+    raise ProcessLookupError(3, "No such process")
+  with recall_sweep._Processes(1) as executor:  # pylint: disable=protected-access
+    monkeypatch.setattr(recall_sweep.multiprocessing, "active_children",
+                        lambda: [types.SimpleNamespace(pid=-1)])
+    monkeypatch.setattr(recall_sweep.os, "kill", kill)
+    executor.stop_workers()
+    monkeypatch.undo()
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the sweep's handler is gone
 
 
 def test_a_stop_signal_reaches_every_parallel_run(tmp_path):
