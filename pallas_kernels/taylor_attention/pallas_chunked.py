@@ -76,7 +76,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.taylor_attention import cyclic_basis
+from pallas_kernels.taylor_attention import cyclic_basis, mosaic_chunked
 from pallas_kernels.taylor_attention.state import TaylorState, for_compute, stored_like
 
 
@@ -426,33 +426,59 @@ def _call(kernel, tiling, interpret, **kw):
       interpret=interpret, **kw)
 
 
-def _forward(q, k, v, kv0, k0, lengths, opt):
-  """y, den [B, H, T] and the final state, plus the segment start states for the backward.
-  Without `opt.initial_state`, kv0, k0 are the zero state [1, 1, U, K], [1, 1, U], which the
-  kernel does not read (no B H copies of zeros are made or converted to the kernel basis)."""
-  eps, seg, tiling, interpret = opt.eps, opt.seg, opt.forward, opt.interpret
-  zero_start = not opt.initial_state
-  b, t, h, f = q.shape
-  d, e, n = v.shape[-1], kv0.shape[2], t // seg
+def _triton_key_sums(k, v, lengths, *, seg, tiling, interpret):
+  """`_key_sums_kernel` over the first G - 1 segments: [B, H, G - 1, U, K], [B, H, G - 1, U]."""
+  b, t, h, f = k.shape
+  d, e = v.shape[-1], sum(_block_sizes(f))
   bd = min(tiling.block_d, d)
-  kv_starts, k_starts = kv0[:, :, None], k0[:, :, None]
-  if n > 1:
-    kv_sums, k_sums = _call(
-        _key_sums_kernel, tiling, interpret, grid=(b, h, n - 1, d // bd),
-        in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, d, bd)],
-        out_specs=list(_segment_state_specs(e, bd)), out_shape=_state_shapes(b, h, n - 1, e=e, d=d),
-        name="taylor_attention_key_sums")(lengths, k, v)
-    kv_starts, k_starts = _with_later_sums(kv_starts, kv_sums), _with_later_sums(k_starts, k_sums)
-    zero_start = False  # the later segments start from their sums
-  y, den, kv1, k1 = _call(
+  return _call(
+      _key_sums_kernel, tiling, interpret, grid=(b, h, t // seg - 1, d // bd),
+      in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, d, bd)],
+      out_specs=list(_segment_state_specs(e, bd)),
+      out_shape=_state_shapes(b, h, t // seg - 1, e=e, d=d),
+      name="taylor_attention_key_sums")(lengths, k, v)
+
+
+def _triton_walk(q, k, v, kv_starts, k_starts, lengths, *, seg, eps, zero_start, tiling,
+                 interpret):
+  """`_fwd_kernel` from each segment's start state: y, den [B, H, T], the final state."""
+  b, t, h, f = q.shape
+  d, e = v.shape[-1], kv_starts.shape[3]
+  bd = min(tiling.block_d, d)
+  return _call(
       _fwd_kernel, tiling, interpret, static=dict(eps=eps, zero_start=zero_start),
-      grid=(b, h, n, d // bd),
+      grid=(b, h, t // seg, d // bd),
       in_specs=[_len_spec(), _seq_spec(seg, f), _seq_spec(seg, f), _seq_spec(seg, d, bd),
                 *_segment_state_specs(e, bd, shared=zero_start)],
       out_specs=[_seq_spec(seg, d, bd), _den_spec(seg), *_state_specs(e, bd)],
       out_shape=[jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32), *_state_shapes(b, h, e=e, d=d)],
       name="taylor_attention_fwd")(lengths, q, k, v, kv_starts, k_starts)
+
+
+# forward_kernel -> (key sums, walk): the forward pass's two kernels (the Mosaic ones ignore
+# the Triton tiling).
+_FORWARD_KERNELS = {
+    "triton": (_triton_key_sums, _triton_walk),
+    "mosaic": (lambda *a, tiling, **kw: mosaic_chunked.key_sums(*a, **kw),
+               lambda *a, tiling, **kw: mosaic_chunked.walk(*a, **kw)),
+}
+
+
+def _forward(q, k, v, kv0, k0, lengths, opt):
+  """y, den [B, H, T] and the final state, plus the segment start states for the backward.
+  Without `opt.initial_state`, kv0, k0 are the zero state [1, 1, U, K], [1, 1, U], which the
+  kernel does not read (no B H copies of zeros are made or converted to the kernel basis)."""
+  sums, walk = _FORWARD_KERNELS[opt.forward_kernel]
+  kw = dict(seg=opt.seg, tiling=opt.forward, interpret=opt.interpret)
+  zero_start = not opt.initial_state
+  kv_starts, k_starts = kv0[:, :, None], k0[:, :, None]
+  if q.shape[1] > opt.seg:
+    kv_sums, k_sums = sums(k, v, lengths, **kw)
+    kv_starts, k_starts = _with_later_sums(kv_starts, kv_sums), _with_later_sums(k_starts, k_sums)
+    zero_start = False  # the later segments start from their sums
+  y, den, kv1, k1 = walk(q, k, v, kv_starts, k_starts, lengths, eps=opt.eps,
+                         zero_start=zero_start, **kw)
   return y, den, kv1, k1, kv_starts, k_starts
 
 
@@ -508,6 +534,7 @@ class _Options:
   backward: Tiling
   interpret: bool
   initial_state: bool  # a state was given; else kv0, k0 are one [1, 1, ...] zero state
+  forward_kernel: str  # a key of _FORWARD_KERNELS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -543,7 +570,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState | None,
             lengths: jnp.ndarray, *, eps: float, forward: Tiling = FORWARD_TILING,
             backward: Tiling = BACKWARD_TILING, segment: int | None = None,
-            interpret: bool = False) -> tuple[jnp.ndarray, TaylorState]:
+            interpret: bool = False,
+            forward_kernel: str = "triton") -> tuple[jnp.ndarray, TaylorState]:
   """Causal Taylor linear attention through the Pallas kernels.
 
   Args:
@@ -557,18 +585,27 @@ def chunked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, state: TaylorState |
     segment: tokens per program along time (rounded up to the larger chunk); None picks it
       from the shape (`segment_length`).
     interpret: run the kernels in the Pallas interpreter (CPU tests).
+    forward_kernel: "triton" (this module's forward kernels, any GPU) or "mosaic" (those of
+      `mosaic_chunked.py`, Hopper, 16-bit inputs; `forward` is then unused). The backward
+      is this module's either way.
 
   Returns:
     y [B, T, H, K] in v's dtype and the final state; differentiable in q, k, v and state.
   """
+  if forward_kernel not in _FORWARD_KERNELS:
+    raise ValueError(f"forward_kernel must be one of {tuple(_FORWARD_KERNELS)}, got "
+                     f"{forward_kernel!r}")
   b, t, h, f = q.shape
   d = v.shape[-1]
-  seg = segment_length(b, h, t, max(forward.chunk, backward.chunk), segment)
-  t_pad, d_pad = -(-t // seg) * seg, pl.next_power_of_2(d)
+  mosaic = forward_kernel == "mosaic"
+  seg = segment_length(b, h, t, max(mosaic_chunked.CHUNK if mosaic else forward.chunk,
+                                    backward.chunk), segment)
+  t_pad = -(-t // seg) * seg
+  d_pad = max(pl.next_power_of_2(d), mosaic_chunked.BLOCK_D if mosaic else 1)
   pad_t = lambda x: jnp.pad(x, [(0, 0), (0, t_pad - t), (0, 0), (0, 0)]) if t_pad > t else x
   pad_d = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, d_pad - d)]) if d_pad > d else x
   options = _Options(eps=eps, seg=seg, forward=forward, backward=backward, interpret=interpret,
-                     initial_state=state is not None)
+                     initial_state=state is not None, forward_kernel=forward_kernel)
   if state is None:
     e = sum(_block_sizes(f))
     cyclic = TaylorState(jnp.zeros((1, 1, e, d), jnp.float32), jnp.zeros((1, 1, e), jnp.float32))
