@@ -26,8 +26,9 @@ def cudnn_decode_stand_in(q, k, v, q_seqlen, kv_seqlen, *, scale, mask_type, qkv
 def spy_implementations(monkeypatch) -> list[tuple[str, str]]:
   """Makes each implementation's function append (mixer, implementation) to the returned list
   when called, then run on this CPU:
-    linear_attention: pallas_chunked.chunked and pallas_decode.step ('pallas', or
-      'pallas_interpret' when asked to interpret; they run interpreted), triton_decode.step
+    linear_attention: pallas_chunked.chunked ('pallas', or 'mosaic' with the Mosaic
+      forward) and pallas_decode.step ('pallas'), '_interpret' added when asked to interpret
+      (they run interpreted), triton_decode.step
       ('triton'; runs the Pallas step), reference.quadratic, xla.chunked and
       reference.feature_step ('xla');
     attention: jax.nn.dot_product_attention (its `implementation`; runs XLA),
@@ -39,7 +40,8 @@ def spy_implementations(monkeypatch) -> list[tuple[str, str]]:
 
   def kernel(module, name, label, run):
     def spy(*args, interpret=False, **kwargs):
-      calls.append(("linear_attention", "pallas_interpret" if interpret else label))
+      name = "mosaic" if kwargs.get("forward_kernel") == "mosaic" else label
+      calls.append(("linear_attention", f"{name}_interpret" if interpret else name))
       return run(*args, interpret=True, **kwargs)
     monkeypatch.setattr(module, name, spy)
 

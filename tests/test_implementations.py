@@ -21,8 +21,10 @@ BF16 = dict(dtype="bfloat16")  # what cuDNN attention needs
 
 
 def simulate_cuda(monkeypatch) -> None:
+  """A Hopper GPU as the resolvers see it."""
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(attention, "_on_cuda", lambda: True)
+  monkeypatch.setattr(api, "_check_hopper", lambda: None)
 
 
 def paths_run(config, calls) -> dict:
@@ -65,6 +67,8 @@ def paths_run(config, calls) -> dict:
      dict(la="pallas", la_decode="pallas", prefill="cudnn", decode="cudnn")),
     ("based_tiny", dict(**F16, linear_attention_impl="triton"), True,
      dict(la="pallas", la_decode="triton", prefill="xla")),  # float32: no cuDNN
+    ("based_tiny", dict(**F16, **BF16, linear_attention_impl="mosaic"), True,
+     dict(la="mosaic", la_decode="pallas", prefill="cudnn")),
     ("transformer_pp_tiny", BF16, True, dict(prefill="cudnn")),
 ])
 def test_the_model_runs_what_implementations_reports(monkeypatch, preset, overrides, cuda,
@@ -130,6 +134,12 @@ def test_resolvers_name_bad_input():
     api.resolve("auto", **{**facts, "dtypes": ("float32",)}, decoding=False)
   with pytest.raises(ValueError, match="needs a GPU"):
     api.resolve("pallas", **facts, decoding=False)
+  with pytest.raises(ValueError, match="impl='mosaic' needs a GPU.*use 'mosaic_interpret'"):
+    api.resolve("mosaic", **facts, decoding=False)
+  with pytest.raises(ValueError, match="takes bfloat16 or float16 q, k, v.*got float32"):
+    api.resolve("mosaic", **{**facts, "backend": "gpu"}, decoding=False)
+  with pytest.raises(ValueError, match="needs a Hopper GPU"):  # this machine's CPU device
+    api._check_hopper()  # pylint: disable=protected-access
   config = get_config("based_tiny")
   with pytest.raises(ValueError, match="path must be one of"):
     attention.resolve_implementation(config, "chunked")

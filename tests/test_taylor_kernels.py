@@ -17,7 +17,7 @@ from pallas_kernels.taylor_attention import (api, causal_taylor_attention, featu
                                              pallas_chunked, pallas_decode, reference,
                                              taylor_feature_map, triton_decode)
 from pallas_kernels.taylor_attention.state import TaylorState
-from gpu_lowering import triton_kernels
+from gpu_lowering import mosaic_kernels, triton_kernels
 from taylor_oracle import numpy_taylor_attention, rel
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -84,16 +84,37 @@ def attend(q, k, v, state, lengths, impl, tiling):
   """causal_taylor_attention, or the kernels directly with an explicit tiling."""
   if tiling is None:
     return causal_taylor_attention(q, k, v, state=state, lengths=lengths, impl=impl)
-  return pallas_chunked.chunked(q, k, v, state, lengths, eps=1e-6,
-                                interpret=impl == "pallas_interpret", **SEGMENTED[tiling])
+  return pallas_chunked.chunked(
+      q, k, v, state, lengths, eps=1e-6, interpret=impl.endswith("_interpret"),
+      forward_kernel="mosaic" if impl.startswith("mosaic") else "triton", **SEGMENTED[tiling])
+
+
+CHUNKED_CASES = [  # (t, d, with_state, ragged, tiling)
+    (1, 64, True, False, None), (17, 64, False, False, None), (64, 112, False, True, None),
+    (300, 64, True, True, None), (300, 64, True, True, "seg64"), (300, 112, False, True, "seg128")]
+# The Mosaic forward in the GPU interpreter (about 10 s a case on 2 cores): padding in T,
+# segments with an initial state and ragged lengths, padding in K.
+MOSAIC_CPU_CASES = [CHUNKED_CASES[1], CHUNKED_CASES[4], CHUNKED_CASES[5]]
 
 
 @pytest.mark.parametrize("impl", CHUNK_IMPLS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("t, d, with_state, ragged, tiling", [
-    (1, 64, True, False, None), (17, 64, False, False, None), (64, 112, False, True, None),
-    (300, 64, True, True, None), (300, 64, True, True, "seg64"), (300, 112, False, True, "seg128")])
+@pytest.mark.parametrize("t, d, with_state, ragged, tiling", CHUNKED_CASES)
 def test_chunked_kernel_matches_float64(impl, dtype, t, d, with_state, ragged, tiling):
+  check_chunked_against_float64(impl, dtype, t, d, with_state, ragged, tiling)
+
+
+@pytest.mark.parametrize("impl, t, d, with_state, ragged, tiling", [
+    *(("mosaic_interpret", *case) for case in MOSAIC_CPU_CASES),
+    *(pytest.param("mosaic", *case, marks=[pytest.mark.gpu, gpu]) for case in CHUNKED_CASES)])
+def test_mosaic_forward_matches_float64(impl, t, d, with_state, ragged, tiling):
+  """The Mosaic forward (bf16: its products are 16-bit wgmma operands), with the Triton
+  backward behind it."""
+  check_chunked_against_float64(impl, jnp.bfloat16, t, d, with_state, ragged, tiling)
+
+
+def check_chunked_against_float64(impl, dtype, t, d, with_state, ragged, tiling):
+  """Outputs, final state and every gradient of a chunked call against float64."""
   b, h = 2, 2
   q, k, v, state = random_case(t * 7 + d, b, t, h, d, dtype, with_state)
   lengths = jnp.array([t, max(t // 2, 1)] if ragged else [t, t], jnp.int32)
@@ -170,6 +191,24 @@ def test_kernels_lower_to_triton_on_any_backend(dtype):
 
   assert len(triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, q, v)) == 5
   assert triton_kernels(step, q, q, v) == ["taylor_attention_decode"]
+
+
+@pytest.mark.parametrize("b, t, h, d", [(2, 256, 2, 112), (8, 8192, 16, 64)])
+def test_mosaic_kernels_lower_on_any_backend(b, t, h, d):
+  """The Mosaic GPU lowering (layouts, swizzles, wgmma shapes, shared-memory transforms) runs
+  without a GPU: the key sums and the walk (two segments at the small shape, one at the
+  benchmark's), with the Triton backward. PTX compilation and the run need a Hopper GPU."""
+  q = jnp.zeros((b, t, h, F), jnp.bfloat16)
+  v = jnp.zeros((b, t, h, d), jnp.bfloat16)
+
+  def loss(q, k, v):
+    y, fin = pallas_chunked.chunked(q, k, v, None, jnp.full((b,), t, jnp.int32), eps=1e-6,
+                                    forward_kernel="mosaic", segment=128 if t == 256 else None)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(fin.kv)
+
+  two_segments = t == 256
+  assert mosaic_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, q, v) == 1 + two_segments
+  assert len(triton_kernels(jax.grad(loss, argnums=(0, 1, 2)), q, q, v)) == 2 + two_segments
 
 
 def decode_step(impl, tiling):

@@ -16,6 +16,10 @@ Implementations (`impl`):
   "pallas_interpret"  the same kernels in the Pallas interpreter (any backend; for tests);
   "triton"            decode steps through the jax-triton kernel (`triton_decode.py`; needs
                       jax-triton and a GPU), chunked calls as "pallas";
+  "mosaic"            chunked calls with the Mosaic GPU forward (`mosaic_chunked.py`: Hopper,
+                      bf16 or float16 inputs) and the Pallas backward, decode steps as
+                      "pallas";
+  "mosaic_interpret"  the same in the Pallas GPU interpreter (any backend; for tests);
   "auto"              on a GPU "pallas" where the kernels take the inputs (`kernel_limits`),
                       except decode steps with K <= DECODE_XLA_MAX_VALUE_DIM, which take "xla";
                       elsewhere "xla". A GPU call that falls back for the kernels' limits
@@ -36,11 +40,13 @@ from pallas_kernels.taylor_attention import (pallas_chunked, pallas_decode, refe
 from pallas_kernels.taylor_attention.state import TaylorState
 from pallas_kernels.taylor_attention.feature_map import feature_width, taylor_feature_map
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "triton")
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "triton", "mosaic",
+                   "mosaic_interpret")
 KERNEL_FEATURE_DIMS = (16,)  # F the kernels are built for (tensor-core tiles, on-chip state)
 KERNEL_MAX_VALUE_DIM = 128  # K, after padding to a power of two
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # of q, k and v (one of them)
 KERNEL_STATE_DTYPES = ((jnp.float32, jnp.bfloat16), (jnp.float32,))  # of state.kv, state.k
+MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)  # of q, k and v: the Mosaic forward's wgmma operands
 # "xla" up to this T uses the quadratic form: no E-wide features or per-chunk states, so it
 # trained 64-512 token sequences 1.3-14x faster than the chunked scan on a 2-core CPU, and was
 # slower at 1024.
@@ -116,8 +122,9 @@ def resolve(impl: str, *, feature_dim: int, value_dim: int, dtypes: Sequence,
     backend: the platform the call runs on, as `jax.default_backend()` names it.
 
   Returns:
-    "xla", "pallas", "pallas_interpret" or "triton" (only for a decode step: chunked calls
-    under "triton" run "pallas").
+    "xla", "pallas", "pallas_interpret", "triton" (only for a decode step: chunked calls
+    under "triton" run "pallas"), "mosaic" or "mosaic_interpret" (only for chunked calls:
+    their decode steps run "pallas" or "pallas_interpret").
 
   Raises:
     ValueError: `impl` is unknown, a decode step has no state, or `impl` names a kernel that
@@ -145,13 +152,20 @@ def resolve(impl: str, *, feature_dim: int, value_dim: int, dtypes: Sequence,
     return "xla" if decoding and value_dim <= DECODE_XLA_MAX_VALUE_DIM else "pallas"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
-  if impl in ("pallas", "triton") and not on_gpu:
-    raise ValueError(f"impl={impl!r} needs a GPU (backend is {backend!r}); "
-                     "use 'pallas_interpret' to run the kernels in the interpreter, or 'xla'")
+  if impl in ("pallas", "triton", "mosaic") and not on_gpu:
+    raise ValueError(f"impl={impl!r} needs a GPU (backend is {backend!r}); use "
+                     f"'{impl.replace('triton', 'pallas')}_interpret' to run the kernels in the "
+                     "interpreter, or 'xla'")
   if impl == "triton":
     if not triton_decode.available():
       raise ValueError("impl='triton' needs jax-triton with a CUDA jaxlib; use 'pallas'")
     return impl if decoding else "pallas"
+  if impl.startswith("mosaic"):
+    if decoding:
+      return impl.replace("mosaic", "pallas")
+    if jnp.dtype(dtypes[0]) not in MOSAIC_DTYPES:
+      raise ValueError(f"impl={impl!r} takes bfloat16 or float16 q, k, v (its products are "
+                       f"16-bit wgmma operands), got {jnp.dtype(dtypes[0]).name}; use 'pallas'")
   return impl
 
 
@@ -213,8 +227,19 @@ def _chunked(impl, q, k, v, state, lengths, eps):
     form = reference.quadratic if t <= QUADRATIC_MAX_T else xla.chunked
     return form(q, k, v, state=state, key_mask=key_mask, eps=eps)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(lengths, 0, t)
+  if impl == "mosaic":
+    _check_hopper()
   return pallas_chunked.chunked(q, k, v, state, lengths, eps=eps,
-                                interpret=impl == "pallas_interpret")
+                                interpret=impl.endswith("_interpret"),
+                                forward_kernel="mosaic" if impl.startswith("mosaic") else "triton")
+
+
+def _check_hopper() -> None:
+  """The Mosaic forward's wgmma and TMA are Hopper's (compute capability 9.x)."""
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  if not str(capability).startswith("9"):
+    raise ValueError(f"impl='mosaic' needs a Hopper GPU (compute capability 9.x), this one is "
+                     f"{jax.devices()[0].device_kind} ({capability}); use 'pallas'")
 
 
 def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,

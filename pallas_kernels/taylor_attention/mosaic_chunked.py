@@ -110,10 +110,10 @@ def from_panels(x: jnp.ndarray, f: int, axis: int) -> jnp.ndarray:
   return jnp.concatenate([head, tail], axis=axis) / _along(_row_scales(f), x.ndim, axis)
 
 
-def _swizzled(width_bytes: int):
+def _swizzled(width_bytes: int, itemsize: int = 2):
   """SMEM transforms for tiles with rows of `width_bytes` (swizzle = row bytes, at most 128)."""
   swizzle = min(128, width_bytes)
-  return (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
 def _matmul(a, b, shape) -> jax.Array:
@@ -154,7 +154,7 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
   length, cols, start = len_gmem[b], pl.ds(j * n, n), g * seg
 
   def walk(consts, q_buf, kt_buf, v_buf, y_buf, den_buf, w_smem, phi_smem, s_smem, z_smem,
-           const_bar, q_bar, kt_bar, v_bar):
+           stage, const_bar, start_bar, q_bar, kt_bar, v_bar):
     xs, ys, xst, yst = consts
     sources = (xs_gmem, ys_gmem, xst_gmem, yst_gmem) if queries else (xst_gmem, yst_gmem)
     dests = (xs, ys, xst, yst) if queries else (xst, yst)
@@ -234,16 +234,21 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
     if zero_start or not queries:
       s = tuple(_zeros((PANEL, n)) for _ in range(panels))
       z = tuple(_zeros((PANEL,), plgpu.Layout.WGMMA.reduce(1)) for _ in range(panels))
-    else:
-      s = tuple(plgpu.layout_cast(s0_gmem[b, h, g, pl.ds(m * PANEL, PANEL), cols],
-                                  plgpu.Layout.WGMMA) for m in range(panels))
-      z = tuple(plgpu.layout_cast(z0_gmem[b, h, g, pl.ds(m * PANEL, PANEL)],
-                                  plgpu.Layout.WGMMA.reduce(1)) for m in range(panels))
+    else:  # the segment's start state, staged through shared memory a panel at a time
+      s, z = [], []
+      for m in range(panels):
+        rows = pl.ds(m * PANEL, PANEL)
+        plgpu.copy_gmem_to_smem(s0_gmem.at[b, h, g, rows, cols], stage, start_bar.at[0])
+        plgpu.copy_gmem_to_smem(z0_gmem.at[b, h, g, rows], z_smem.at[m], start_bar.at[1])
+        plgpu.barrier_wait(start_bar.at[0])
+        plgpu.barrier_wait(start_bar.at[1])
+        s.append(plgpu.layout_cast(stage[...], plgpu.Layout.WGMMA))
+        z.append(plgpu.layout_cast(z_smem[m], plgpu.Layout.WGMMA.reduce(1)))
     if queries:
       publish(s, z)
     for i in range(len(sources)):
       plgpu.barrier_wait(const_bar.at[i])
-    s, z = lax.fori_loop(0, chunks, step, (s, z))
+    s, z = lax.fori_loop(0, chunks, step, (tuple(s), tuple(z)))
     plgpu.wait_smem_to_gmem(0)
     last = g == pl.num_programs(2) - 1 if queries else True  # the final state, or every sum
 
@@ -273,7 +278,10 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
       plgpu.SMEM((panels, CHUNK, PANEL), dtype, transforms=wide(PANEL)),  # phi_q, phi_k^T
       plgpu.SMEM((panels, PANEL, n), dtype, transforms=wide(n)) if queries else None,  # S
       plgpu.SMEM((panels, PANEL), jnp.float32) if queries else None,  # z
+      plgpu.SMEM((PANEL, n), jnp.float32, transforms=_swizzled(n * 4, 4))  # a start panel
+      if queries and not zero_start else None,
       plgpu.Barrier(num_barriers=4),
+      plgpu.Barrier(num_barriers=2),
       *[plgpu.Barrier(num_barriers=2)] * 3,
   )
 
