@@ -5,6 +5,7 @@
 Times in one process and one run, bf16, B=8, H=16, d'=16 by default, for each T and value
 head dim: the forward and the forward+backward (the VJP with a random cotangent) of
   pallas           our Pallas kernels (`causal_taylor_attention(impl="pallas")`),
+  mosaic           our Mosaic GPU forward with the same backward (`impl="mosaic"`, Hopper),
   xla              the chunked pure-JAX form (`impl="xla"`),
   cudnn            `jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")`
                    with q, k, v of head dim D (softmax attention: the speed to beat),
@@ -37,8 +38,8 @@ _DV = flags.DEFINE_list("value_dims", ["64", "112"], "Value head dims D.")
 _B = flags.DEFINE_integer("batch", 8, "Batch size.")
 _H = flags.DEFINE_integer("heads", 16, "Heads.")
 _F = flags.DEFINE_integer("feature_dim", 16, "Query/key feature dim d'.")
-_IMPLS = flags.DEFINE_list("impls", ["pallas", "fla_parallel", "fla_fused_chunk", "cudnn", "xla"],
-                           "What to time.")
+_IMPLS = flags.DEFINE_list("impls", ["pallas", "mosaic", "fla_parallel", "fla_fused_chunk",
+                                     "cudnn", "xla"], "What to time.")
 _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 _VARIANTS = flags.DEFINE_list(
     "variants", [], "Extra tilings of our kernel, each FWD/BWD/SEGMENT with FWD and BWD = "
@@ -54,13 +55,15 @@ _OUT = flags.DEFINE_string("out", "experiments/results/prefill", "Output path pr
 
 def jax_impls(variants):
   """name -> f(q, k, v) -> y for the JAX competitors."""
-  out = {"pallas": lambda q, k, v: causal_taylor_attention(q, k, v, impl="pallas")[0],
-         "pallas_interpret": lambda q, k, v: causal_taylor_attention(
-             q, k, v, impl="pallas_interpret")[0],
-         "xla": lambda q, k, v: causal_taylor_attention(q, k, v, impl="xla")[0]}
+  out = {impl: functools.partial(_ours, impl=impl)
+         for impl in ("pallas", "pallas_interpret", "mosaic", "mosaic_interpret", "xla")}
   for spec in variants:
     out[f"pallas[{spec}]"] = functools.partial(_pallas_variant, **parse_variant(spec))
   return out
+
+
+def _ours(q, k, v, *, impl):
+  return causal_taylor_attention(q, k, v, impl=impl)[0]
 
 
 def parse_variant(spec: str) -> dict:
