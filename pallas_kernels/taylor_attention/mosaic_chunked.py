@@ -177,8 +177,8 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
         z_smem[m] = z[m]
       plgpu.commit_smem()
 
-    def outputs(c, slot, t0, q_smem, kt_smem, v_smem):
-      """y and den of chunk c from the chunk-local weights and the state in shared memory."""
+    def outputs(slot, t0, q_smem, kt_smem, v_smem):
+      """y and den of the chunk at t0 from the chunk-local weights and the state in shared memory."""
       qk = _matmul(q_smem, kt_smem, (CHUNK, CHUNK))
       keep = (col <= row) & (t0 + col < length)
       w = jnp.where(keep, 1.0 + qk * (f ** -0.5) + qk * qk * (0.5 / f), 0.0)
@@ -194,7 +194,7 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
       num = _matmul(w_smem, v_smem, (CHUNK, n))
       for m in range(panels):
         num += _matmul(phi_smem.at[m], s_smem.at[m], (CHUNK, n))
-      plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # chunk c - 2's stores left the slot
+      plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # the slot's stores of 2 chunks ago left
       y_buf[slot] = (num / lax.broadcast_in_dim(den, num.shape, [0])).astype(y_buf.dtype)
       den_buf[slot] = den
       plgpu.commit_smem()
@@ -208,7 +208,7 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
         plgpu.barrier_wait(bar.at[slot])
       kt_smem, v_smem = kt_buf.at[slot], v_buf.at[slot]
       if queries:
-        outputs(c, slot, t0, q_buf.at[slot], kt_smem, v_smem)
+        outputs(slot, t0, q_buf.at[slot], kt_smem, v_smem)
       # The chunk's valid keys join the state. phi_smem takes phi_k^T: the query side's
       # products have completed (a wgmma result is read only after it has).
       key_valid = (t0 + _iota((PANEL, CHUNK), 1)) < length
@@ -237,6 +237,8 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
     else:  # the segment's start state, staged through shared memory a panel at a time
       s, z = [], []
       for m in range(panels):
+        if m:
+          plgpu.commit_smem()  # every thread has read the previous panel out of `stage`
         rows = pl.ds(m * PANEL, PANEL)
         plgpu.copy_gmem_to_smem(s0_gmem.at[b, h, g, rows, cols], stage, start_bar.at[0])
         plgpu.copy_gmem_to_smem(z0_gmem.at[b, h, g, rows], z_smem.at[m], start_bar.at[1])
