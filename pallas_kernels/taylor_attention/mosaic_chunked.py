@@ -288,9 +288,10 @@ def _kernel(*refs, f, seg, eps, queries, zero_start, dtype):
   )
 
 
+@functools.cache
 def interpret_params():
   """The Pallas GPU interpreter's settings, with the one lowering it lacks on CPU: a layout
-  cast (a no-op on values)."""
+  cast (a no-op on values), registered once."""
   from jax._src.interpreters import mlir  # pylint: disable=import-outside-toplevel
   from jax._src.pallas.mosaic_gpu import core  # pylint: disable=import-outside-toplevel
   from jax._src.pallas.mosaic_gpu.interpret import params  # pylint: disable=import-outside-toplevel
