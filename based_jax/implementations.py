@@ -35,7 +35,7 @@ def linear_attention_implementation(config: ModelConfig, path: str) -> str:
       value_dim=config.d_model // config.la_heads,
       dtypes=(jnp.dtype(config.dtype),) * 3,  # q, k, v: the projections' compute dtype
       state_dtypes=(state.kv.dtype, state.k.dtype), decoding=path == "decode",
-      backend=jax.default_backend())
+      backend=jax.default_backend(), hopper=taylor_api.on_hopper())
 
 
 def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:

@@ -314,13 +314,25 @@ def test_kernel_limits_give_clear_errors_or_fall_back():
   assert api._resolve("auto", q, q, v, None) == "xla"  # unsupported F: the fallback
 
 
-@pytest.mark.parametrize("t, d, with_state, want", [
-    (8, 64, False, "pallas"), (1, 64, True, "xla"), (1, 112, True, "pallas"),
-    (8, 64, True, "pallas")])
-def test_auto_on_gpu_picks_the_measured_faster_path(monkeypatch, t, d, with_state, want):
+@pytest.mark.parametrize("t, d, with_state, dtype, hopper, want", [
+    (8, 64, False, jnp.float32, True, "pallas"), (1, 64, True, jnp.float32, True, "xla"),
+    (1, 112, True, jnp.float32, True, "pallas"), (8, 64, True, jnp.float32, True, "pallas"),
+    (8, 64, True, jnp.bfloat16, True, "mosaic"), (8, 112, False, jnp.float16, True, "mosaic"),
+    (1, 112, True, jnp.bfloat16, True, "pallas"), (8, 64, True, jnp.bfloat16, False, "pallas")])
+def test_auto_on_gpu_picks_the_measured_faster_path(monkeypatch, t, d, with_state, dtype,
+                                                     hopper, want):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  q, k, v, state = random_case(0, 1, t, 1, d, jnp.float32, with_state)
+  monkeypatch.setattr(api, "on_hopper", lambda: hopper)
+  q, k, v, state = random_case(0, 1, t, 1, d, dtype, with_state)
   assert api._resolve("auto", q, k, v, state) == want
+
+
+def test_mosaic_on_a_gpu_that_is_not_hopper_names_the_problem(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(api, "on_hopper", lambda: False)
+  q = jnp.zeros((1, 8, 1, 16), jnp.bfloat16)
+  with pytest.raises(ValueError, match="impl='mosaic' needs a Hopper GPU.*use 'pallas'"):
+    causal_taylor_attention(q, q, q, impl="mosaic")
 
 
 def test_decode_row_blocks_tile_the_state_rows():

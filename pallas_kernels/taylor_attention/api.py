@@ -21,7 +21,9 @@ Implementations (`impl`):
                       "pallas";
   "mosaic_interpret"  the same in the Pallas GPU interpreter (any backend; for tests);
   "auto"              on a GPU "pallas" where the kernels take the inputs (`kernel_limits`),
-                      except decode steps with K <= DECODE_XLA_MAX_VALUE_DIM, which take "xla";
+                      except decode steps with K <= DECODE_XLA_MAX_VALUE_DIM, which take "xla",
+                      and chunked calls of 16-bit inputs on a Hopper GPU, which take "mosaic"
+                      (its forward was measured faster at every T and K benchmarked);
                       elsewhere "xla". A GPU call that falls back for the kernels' limits
                       warns once per reason.
 An explicit kernel that cannot take the inputs, or needs a GPU it lacks, is a ValueError.
@@ -108,7 +110,8 @@ def kernel_limits(feature_dim: int, value_dim: int, dtypes: Sequence,
 
 
 def resolve(impl: str, *, feature_dim: int, value_dim: int, dtypes: Sequence,
-            state_dtypes: Optional[Sequence], decoding: bool, backend: str) -> str:
+            state_dtypes: Optional[Sequence], decoding: bool, backend: str,
+            hopper: bool = False) -> str:
   """The implementation a call with these facts runs; `causal_taylor_attention` dispatches
   on it. Pure but for the one-time warning of an "auto" fallback on a GPU.
 
@@ -120,6 +123,8 @@ def resolve(impl: str, *, feature_dim: int, value_dim: int, dtypes: Sequence,
     state_dtypes: the dtypes of state.kv and state.k; None for a call without a state.
     decoding: whether the call is a decode step (one token, with a state).
     backend: the platform the call runs on, as `jax.default_backend()` names it.
+    hopper: whether that GPU is a Hopper (`on_hopper()`): "auto" takes the Mosaic forward
+      there.
 
   Returns:
     "xla", "pallas", "pallas_interpret", "triton" (only for a decode step: chunked calls
@@ -149,7 +154,9 @@ def resolve(impl: str, *, feature_dim: int, value_dim: int, dtypes: Sequence,
         _warned.add(limit)
         warnings.warn(f"causal_taylor_attention: falling back to XLA for {limit}")
       return "xla"
-    return "xla" if decoding and value_dim <= DECODE_XLA_MAX_VALUE_DIM else "pallas"
+    if decoding:
+      return "xla" if value_dim <= DECODE_XLA_MAX_VALUE_DIM else "pallas"
+    return "mosaic" if hopper and jnp.dtype(dtypes[0]) in MOSAIC_DTYPES else "pallas"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
   if impl in ("pallas", "triton", "mosaic") and not on_gpu:
@@ -179,7 +186,8 @@ def _resolve(impl: str, q, k, v, state) -> str:
   return resolve(impl, feature_dim=q.shape[-1], value_dim=v.shape[-1],
                  dtypes=(q.dtype, k.dtype, v.dtype),
                  state_dtypes=None if state is None else (state.kv.dtype, state.k.dtype),
-                 decoding=_is_decode_step(q, state), backend=jax.default_backend())
+                 decoding=_is_decode_step(q, state), backend=jax.default_backend(),
+                 hopper=on_hopper())
 
 
 def _reference_step(phi_q, phi_k, v, state, valid, eps):
@@ -227,19 +235,18 @@ def _chunked(impl, q, k, v, state, lengths, eps):
     form = reference.quadratic if t <= QUADRATIC_MAX_T else xla.chunked
     return form(q, k, v, state=state, key_mask=key_mask, eps=eps)
   lengths = jnp.full((b,), t, jnp.int32) if lengths is None else jnp.clip(lengths, 0, t)
-  if impl == "mosaic":
-    _check_hopper()
+  if impl == "mosaic" and not on_hopper():
+    raise ValueError(f"impl='mosaic' needs a Hopper GPU (compute capability 9.x), this one is "
+                     f"{jax.devices()[0].device_kind}; use 'pallas'")
   return pallas_chunked.chunked(q, k, v, state, lengths, eps=eps,
                                 interpret=impl.endswith("_interpret"),
                                 forward_kernel="mosaic" if impl.startswith("mosaic") else "triton")
 
 
-def _check_hopper() -> None:
-  """The Mosaic forward's wgmma and TMA are Hopper's (compute capability 9.x)."""
-  capability = getattr(jax.devices()[0], "compute_capability", "")
-  if not str(capability).startswith("9"):
-    raise ValueError(f"impl='mosaic' needs a Hopper GPU (compute capability 9.x), this one is "
-                     f"{jax.devices()[0].device_kind} ({capability}); use 'pallas'")
+def on_hopper() -> bool:
+  """Whether the default device is a Hopper GPU (compute capability 9.x), whose wgmma and TMA
+  the Mosaic forward uses."""
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9")
 
 
 def causal_taylor_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
