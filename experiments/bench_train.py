@@ -83,8 +83,8 @@ def profile_step(step, state, data, layer_kinds, top: int) -> dict:
     return metrics
 
   text = step.lower(state, data, None).compile().as_text()
-  by_scope, by_kernel = profile_scopes(call, jax.block_until_ready, text,
-                                       lambda op: module_scope(layer_kinds, op))
+  by_scope, by_kernel, _ = profile_scopes(call, jax.block_until_ready, text,
+                                          lambda op: module_scope(layer_kinds, op))
   return {"gpu_ms": sum(by_scope.values()) / 1e3,
           "by_scope_ms": {k: v / 1e3 for k, v in by_scope.most_common()},
           "top_kernels_ms": {k: v / 1e3 for k, v in by_kernel.most_common(top)}}

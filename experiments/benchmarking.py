@@ -13,7 +13,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -118,15 +118,19 @@ def kernel_family(kernel: str) -> str:
   return f"unattributed {family}"
 
 
+class ScopeProfile(NamedTuple):
+  by_scope: collections.Counter  # GPU microseconds per call, by scope
+  by_kernel: collections.Counter  # the same by "scope | kernel name"
+  launches: collections.Counter  # kernel launches per call, by scope
+
+
 def profile_scopes(call: Callable[[], object], sync: Callable[[object], object],
-                   hlo_text: str, scope: Callable[[str], str],
-                   calls: int = 3) -> tuple[collections.Counter, collections.Counter]:
-  """GPU microseconds per call, by `scope(op_name)` of the HLO op that launched each kernel and
-  by "scope | kernel name": where one call of `call` (already compiled, its module's text
-  `hlo_text`) spends its time. A kernel whose op is not found counts under its
-  `kernel_family`."""
+                   hlo_text: str, scope: Callable[[str], str], calls: int = 3) -> ScopeProfile:
+  """Where one call of `call` (already compiled, its module's text `hlo_text`) spends its GPU
+  time, by `scope(op_name)` of the HLO op that launched each kernel. A kernel whose op is not
+  found counts under its `kernel_family`."""
   op_names = hlo_op_names(hlo_text)
-  by_scope, by_kernel = collections.Counter(), collections.Counter()
+  by_scope, by_kernel, launches = (collections.Counter() for _ in range(3))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(calls):
@@ -140,7 +144,8 @@ def profile_scopes(call: Callable[[], object], sync: Callable[[object], object],
       where = kernel_family(e["name"]) if op is None else scope(op)
       by_scope[where] += e.get("dur", 0) / calls
       by_kernel[f"{where} | {e['name']}"] += e.get("dur", 0) / calls
-  return by_scope, by_kernel
+      launches[where] += 1 / calls
+  return ScopeProfile(by_scope, by_kernel, launches)
 
 
 def profile_kernels(call: Callable[[], object], sync: Callable[[object], object],

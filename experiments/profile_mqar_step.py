@@ -105,8 +105,8 @@ def profile(run_name: str, config: ModelConfig, steps: int, top: int,
         return out
 
       text = train_step.lower(state, *batch).compile().as_text()
-      by_scope, by_kernel = profile_scopes(call, jax.block_until_ready, text,
-                                           lambda op: module_scope(config.layer_kinds, op), 5)
+      by_scope, by_kernel, _ = profile_scopes(call, jax.block_until_ready, text,
+                                              lambda op: module_scope(config.layer_kinds, op), 5)
       state = holder[0]
       result["gpu_by_length"][str(length)] = {
           "gpu_ms": sum(by_scope.values()) / 1e3,

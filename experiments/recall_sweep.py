@@ -23,6 +23,7 @@ from concurrent import futures
 from typing import Callable, Optional
 
 from based_jax.config import ModelConfig, get_config
+from based_jax.implementations import implementations
 from based_jax.training.run_config import RunConfig, get_run_config, parse_assignments
 from experiments.benchmarking import run_metadata
 from experiments.child_process import die_with_parent
@@ -364,6 +365,12 @@ def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Ca
           for group in ([lrs] if members else [(lr,) for lr in lrs])]
   jobs, ended = iter(todo), 0  # runs to train, and how many of them have ended
   model_set = parse_assignments(ModelConfig, settings.get("model_set", []))
+  for point in points:  # a point whose model cannot run ends the sweep before any run starts
+    if point.label not in finished:
+      try:
+        implementations(get_config(point.preset, **{**point.fields, **model_set}))
+      except ValueError as e:
+        raise ValueError(f"grid point {point.label!r}: {e}") from e
   runs = collections.defaultdict(list)  # label -> the summaries of its finished runs, by lr
   seconds_of = collections.Counter()  # label -> the seconds of its finished runs
   pending = {}  # future -> (point, the run's lrs)

@@ -57,12 +57,15 @@ def test_profile_scopes_attributes_kernels_to_their_source_ops(monkeypatch):
       {"name": "nvjet_tst_64x64", "dur": 90, "args": {}},  # nothing names it: its family
       {"name": "cudnn_sdpa_bprop", "dur": 12, "args": {"hlo_op": "custom-call.7"}},
   ]
+  events.append(events[1])  # a second launch of the same kernel
   monkeypatch.setattr(benchmarking, "kernel_events", lambda trace_dir: events)
-  by_scope, by_kernel = benchmarking.profile_scopes(
+  by_scope, by_kernel, launches = benchmarking.profile_scopes(
       lambda: jnp.ones(2), lambda x: x, hlo, lambda op: op.split("/", 1)[1], calls=3)
-  assert by_scope == {"layers_1/mlp/add": 10, "layers_0/mixer/dot_general": 20,
+  assert by_scope == {"layers_1/mlp/add": 10, "layers_0/mixer/dot_general": 40,
                       "unattributed matmul": 30, "x": 4}
   assert by_kernel["unattributed matmul | nvjet_tst_64x64"] == 30
+  assert launches == {"layers_1/mlp/add": 1 / 3, "layers_0/mixer/dot_general": 2 / 3,
+                      "unattributed matmul": 1 / 3, "x": 1 / 3}
 
 
 def test_train_step_scopes_name_layer_kind_and_module():

@@ -247,3 +247,14 @@ def test_members_train_each_points_lrs_as_one_run(tmp_path):
   strip = lambda p: {**p, "seconds": None, "all_runs": [  # noqa: E731
       {**r, "seconds": None} for r in p["all_runs"]]}
   assert [strip(p) for p in results[True]] == [strip(p) for p in results[False]]
+
+
+def test_a_point_whose_kernels_cannot_run_ends_the_sweep_before_any_run(tmp_path):
+  points = list(recall_sweep.GRIDS["tiny"].points)
+  settings = {"grid": "tiny", "run": "mqar_small", "lrs": [1e-3], "steps": 5, "run_set": [],
+              "model_set": ["linear_attention_impl=pallas", "la_feature_dim=24"]}
+  trained = []
+  with pytest.raises(ValueError, match=re.escape(f"grid point {points[0].label!r}: impl='pallas'")):
+    recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(tmp_path),
+                       lambda run, config, workdir: trained.append(workdir))
+  assert not trained and not os.listdir(tmp_path)
