@@ -14,6 +14,7 @@ import numbers
 import typing
 from typing import Iterable
 
+from pallas_kernels.gemv import IMPLEMENTATIONS as GEMV_IMPLS
 from pallas_kernels.rms_norm import IMPLEMENTATIONS as NORM_IMPLS
 from pallas_kernels.selective_scan import IMPLEMENTATIONS as SSM_IMPLS
 from pallas_kernels.taylor_attention import IMPLEMENTATIONS as LINEAR_ATTENTION_IMPLS
@@ -49,7 +50,7 @@ BLOCK_STYLES = ("based", "zoology")
 # Every implementation switch of ModelConfig and what it takes; each takes "xla", plain JAX.
 IMPL_CHOICES = {"linear_attention_impl": LINEAR_ATTENTION_IMPLS,
                 "attention_impl": ATTENTION_IMPLS, "attention_decode_impl": ATTENTION_IMPLS,
-                "norm_impl": NORM_IMPLS, "ssm_impl": SSM_IMPLS}
+                "norm_impl": NORM_IMPLS, "ssm_impl": SSM_IMPLS, "gemv_impl": GEMV_IMPLS}
 
 
 def _check_field_types(config) -> None:
@@ -146,6 +147,11 @@ class ModelConfig:
   # IMPLEMENTATIONS): "auto" ("pallas" on a GPU, else "xla"), "xla" (associative
   # scan), "pallas" (the Pallas kernels; GPU) or "pallas_interpret" (them in the interpreter).
   ssm_impl: str = "auto"
+  # The dense layers' products of a few rows (decoding batches of 1, 2 or 4;
+  # pallas_kernels.gemv's IMPLEMENTATIONS): "auto" (the Pallas GEMV kernel on a GPU where it
+  # takes the shapes, else "xla"), "xla", "pallas" (GPU) or "pallas_interpret" (tests). Other
+  # row counts, and the tied LM head, always run XLA's matrix product.
+  gemv_impl: str = "auto"
   # Rematerialisation in training: "none" keeps every activation for the backward pass,
   # "block" recomputes each residual block's insides from its input (less memory, ~1/3 more
   # compute). The function and the parameters are the same.

@@ -4,7 +4,8 @@ The answer comes from the resolvers the mixers dispatch on (`resolve` of
 `pallas_kernels.taylor_attention.api` for linear attention, `resolve_implementation` of
 `based_jax.mixers.attention` for softmax attention, `resolve` of
 `pallas_kernels.selective_scan.api` for Mamba's scan, `resolve` of `pallas_kernels.rms_norm.api`
-for the residual stream's add + RMSNorm), so it is what runs: a function of the
+for the residual stream's add + RMSNorm, `resolve` of `pallas_kernels.gemv.api` for decoding's
+few-row products), so it is what runs: a function of the
 config and of the backend of this process, not of the batch or the sequence length.
 """
 
@@ -17,6 +18,7 @@ from based_jax import config as config_lib
 from based_jax.config import ModelConfig
 from based_jax.mixers import attention
 from based_jax.mixers.linear_attention import init_linear_attention_cache
+from pallas_kernels.gemv import api as gemv_api
 from pallas_kernels.rms_norm import api as norm_api
 from pallas_kernels.selective_scan import api as ssm_api
 from pallas_kernels.taylor_attention import api as taylor_api
@@ -50,7 +52,9 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
   chunk), 'decode' and 'chunked_prefill' (later prefill chunks, against the cache); Mamba
   'scan' (several tokens: training, prefill; `ssm_impl`) and 'decode' (one token with a cache:
   always the XLA step). "norm" (every model) is the residual stream's add + RMSNorm
-  (`norm_impl`), and with block_style "zoology" also its add + LayerNorm ('layer_norm'). A
+  (`norm_impl`), and with block_style "zoology" also its add + LayerNorm ('layer_norm');
+  "gemv" (every model) the dense layers' products of one row (`gemv_impl`, decoding a batch of
+  one; shown for a [D, D] weight). A
   'cudnn' prefill holds unless the call warned that cuDNN rejected it (see
   `resolve_implementation`).
   """
@@ -71,6 +75,9 @@ def implementations(config: ModelConfig) -> dict[str, dict[str, str]]:
       dtypes=(jnp.float32, compute, jnp.dtype(config.param_dtype), compute),
       backend=jax.default_backend())
   out["norm"] = {"add_rms_norm": norm()}
+  out["gemv"] = {"one_row": gemv_api.resolve(
+      config.gemv_impl, rows=1, k=config.d_model, n=config.d_model, dtypes=(compute, compute),
+      backend=jax.default_backend())}
   if config.block_style == "zoology":  # its LayerNorms (the final one at least)
     out["norm"]["layer_norm"] = norm(layer_norm=True)
   return out

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
+from pallas_kernels.gemv import api as gemv_api
 from pallas_kernels.rms_norm import add_rms_norm, rms_norm
 
 
@@ -26,23 +27,29 @@ def output_init(config: ModelConfig) -> nn.initializers.Initializer:
 
 
 def matrix_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                        preferred_element_type=None):
+                        preferred_element_type=None, *, gemv_impl: str = "xla"):
   """x [..., D] @ W [D, N] as one matrix product over the flattened leading axes.
 
   Same result as `lax.dot_general`, but XLA's CPU backend computes the weight gradient of a
-  matrix product about 2.5x faster than that of the rank-3 contraction. A single row (batch-1
-  decoding) is padded to two: XLA:GPU rewrites a vector-matrix product as a reduction that
-  reads bf16 weights about 2x slower than its matrix kernels.
+  matrix product about 2.5x faster than that of the rank-3 contraction. A product of a few
+  rows (decoding) runs as `gemv_impl` resolves it (`pallas_kernels.gemv`: a kernel that
+  streams W); on XLA a single row is padded to two, since XLA:GPU rewrites a vector-matrix
+  product as a reduction that reads bf16 weights about 2x slower than its matrix kernels.
   """
   if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or rhs.ndim != 2:
     raise ValueError(f"expected x[..., D] @ W[D, N], got {dimension_numbers}")
   rows = lhs.reshape(-1, lhs.shape[-1])
   m = rows.shape[0]
-  if m == 1:
-    rows = jnp.pad(rows, ((0, 1), (0, 0)))
-  y = jax.lax.dot_general(rows, rhs, (((1,), (0,)), ((), ())),
-                          precision=precision, preferred_element_type=preferred_element_type)
-  return y[:m].reshape(*lhs.shape[:-1], rhs.shape[-1])
+  out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
+  if precision is None and gemv_api.resolve(
+      gemv_impl, rows=m, k=rows.shape[1], n=rhs.shape[1], dtypes=(rows.dtype, rhs.dtype),
+      backend=jax.default_backend()) != "xla":
+    y = gemv_api.matmul(rows, rhs, out_dtype=out_dtype, impl=gemv_impl)
+  else:
+    padded = jnp.pad(rows, ((0, 1), (0, 0))) if m == 1 else rows
+    y = jax.lax.dot_general(padded, rhs, (((1,), (0,)), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type)[:m]
+  return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = False,
@@ -52,7 +59,8 @@ def dense(config: ModelConfig, features: int, *, use_bias: bool, output: bool = 
       features, use_bias=use_bias, name=name,
       dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
       kernel_init=output_init(config) if output else weight_init(config),
-      bias_init=nn.initializers.zeros, dot_general=matrix_dot_general)
+      bias_init=nn.initializers.zeros,
+      dot_general=functools.partial(matrix_dot_general, gemv_impl=config.gemv_impl))
 
 
 def _rows_matmul(x: jnp.ndarray, w: jnp.ndarray, **kwargs) -> jnp.ndarray:
@@ -65,25 +73,27 @@ def _weight_grad(x: jnp.ndarray, g: jnp.ndarray) -> jnp.ndarray:
                              (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def split_matmul(x: jnp.ndarray, kernel: jnp.ndarray,
-                 widths: tuple[int, ...]) -> tuple[jnp.ndarray, ...]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def split_matmul(x: jnp.ndarray, kernel: jnp.ndarray, widths: tuple[int, ...],
+                 gemv_impl: str = "xla") -> tuple[jnp.ndarray, ...]:
   """The column blocks of x [..., D] @ kernel [D, sum(widths)], of widths `widths`.
 
-  Forward: one matrix product, then slices (one weight read and one kernel launch: decoding
-  at small batches is bound by both). Backward: one product per block, summed in float32,
-  instead of concatenating the blocks' output gradients into one [..., sum(widths)] array
-  first (a full extra pass over the layer's widest activation in training).
+  Forward: one matrix product (`matrix_dot_general` with `gemv_impl`), then slices (one weight
+  read and one kernel launch: decoding at small batches is bound by both). Backward: one
+  product per block, summed in float32, instead of concatenating the blocks' output gradients
+  into one [..., sum(widths)] array first (a full extra pass over the layer's widest
+  activation in training).
   """
-  y = _rows_matmul(x, kernel)
+  y = _rows_matmul(x, kernel, gemv_impl=gemv_impl)
   return tuple(jnp.split(y, list(itertools.accumulate(widths))[:-1], axis=-1))
 
 
-def _split_matmul_fwd(x, kernel, widths):
-  return split_matmul(x, kernel, widths), (x, kernel)
+def _split_matmul_fwd(x, kernel, widths, gemv_impl):
+  return split_matmul(x, kernel, widths, gemv_impl), (x, kernel)
 
 
-def _split_matmul_bwd(widths, residuals, grads):
+def _split_matmul_bwd(widths, gemv_impl, residuals, grads):
+  del gemv_impl
   x, kernel = residuals
   starts = [0, *itertools.accumulate(widths)]
   dx = sum(_rows_matmul(g.astype(x.dtype), kernel[:, a:b].T, preferred_element_type=jnp.float32)
@@ -111,7 +121,8 @@ class SplitDense(nn.Module):
     dtype, n = jnp.dtype(cfg.dtype), sum(self.widths)
     kernel = self.param("kernel", weight_init(cfg), (x.shape[-1], n),
                         jnp.dtype(cfg.param_dtype))
-    blocks = split_matmul(x.astype(dtype), kernel.astype(dtype), tuple(self.widths))
+    blocks = split_matmul(x.astype(dtype), kernel.astype(dtype), tuple(self.widths),
+                          cfg.gemv_impl)
     if not self.use_bias:
       return blocks
     bias = self.param("bias", nn.initializers.zeros, (n,), jnp.dtype(cfg.param_dtype))

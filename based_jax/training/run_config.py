@@ -129,7 +129,7 @@ def json_defaults() -> dict:
 # Model fields that choose how the same function is computed, or how decoding stores its state:
 # a checkpoint resumes under other values.
 MODEL_RUNTIME_FIELDS = ("linear_attention_impl", "attention_impl", "attention_decode_impl",
-                        "ssm_impl", "norm_impl", "la_state_dtype", "remat")
+                        "ssm_impl", "norm_impl", "gemv_impl", "la_state_dtype", "remat")
 
 
 # The BASED paper's language-model recipe: 10B tokens in steps of 256 x 2048 (0.5M) tokens.
