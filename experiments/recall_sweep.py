@@ -92,18 +92,19 @@ def _figure3(widths, taylor_dims, dropout=0.0) -> list[Point]:
 
 GRIDS: dict[str, Grid] = {
     # The paper's Figure 2 as its code (zoology arxiv24_based_figure2) trained it: its
-    # trainer (mqar_zoology: 32 epochs, batch 256), its blocks (block_style zoology) and
-    # embedding dropout 0.1, four lrs. Widths as its configs: BASED d 48 / 64 / 128 (and 256),
+    # trainer and data order (mqar_zoology_epochs: 32 epochs of the slices in turn, batch
+    # 256), its blocks (block_style zoology) and embedding dropout 0.1, four lrs. Widths as its configs: BASED d 48 / 64 / 128 (and 256),
     # H3 and Hyena d 64 .. 256.
     "paper_figure2": Grid(tuple(_figure2(
         widths=(64, 128, 256), mamba_widths=(64, 128, 256),
         windows=(8, 16, 32, 64, 128, 256, 512, 1024), based_widths=(48, 64, 128, 256),
         feature_dims=(8, 16, 24), attention_widths=(64, 128), dropout=0.1)),
-        run="mqar_zoology", lrs=PAPER_LRS, model_set=("block_style=zoology",)),
+        run="mqar_zoology_epochs", lrs=PAPER_LRS, model_set=("block_style=zoology",)),
     # The paper's Figure 3: every feature map at d_model 64 .. 512, trained as Figure 2.
     "paper_figure3": Grid(tuple(_figure3(widths=tuple(range(64, 513, 64)), taylor_dims=(16, 24),
                                          dropout=0.1)),
-                          run="mqar_zoology", lrs=PAPER_LRS, model_set=("block_style=zoology",)),
+                          run="mqar_zoology_epochs", lrs=PAPER_LRS,
+                          model_set=("block_style=zoology",)),
     # CPU-sized variants: one small width per mixer or map on the CPU default's mix and
     # schedule (mqar_small: 128-token training sequences, test up to 256), two lrs.
     "cpu_figure2": Grid(tuple(_figure2(

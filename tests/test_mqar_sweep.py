@@ -20,7 +20,7 @@ from experiments import recall_sweep
 def test_paper_grids_cover_every_mixer_and_map_on_the_paper_schedule():
   fig2, fig3 = recall_sweep.GRIDS["paper_figure2"], recall_sweep.GRIDS["paper_figure3"]
   for grid in (fig2, fig3):  # zoology's trainer, blocks and dropout (Mamba: none)
-    assert grid.run == "mqar_zoology" and grid.steps is None and len(grid.lrs) == 4
+    assert grid.run == "mqar_zoology_epochs" and grid.steps is None and len(grid.lrs) == 4
     assert grid.model_set == ("block_style=zoology",)
     for p in grid.points:
       assert p.fields.get("embed_dropout", 0.0) == (0.0 if p.family == "Mamba" else 0.1)
