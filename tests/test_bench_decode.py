@@ -165,7 +165,7 @@ def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
   row = result["rows"][0]
   assert row["implementations"] == {
       "attention": dict(prefill="xla", decode="xla", chunked_prefill="xla"),
-      "norm": {"add_rms_norm": "xla"}}
+      "norm": {"add_rms_norm": "xla"}, "gemv": {"one_row": "xla"}}
   assert row["floor_bytes_per_step"] > row["param_bytes"] > 0
 
 
@@ -286,5 +286,5 @@ def test_point_records_the_implementations_its_generation_runs(monkeypatch):
   assert row["implementations"] == {
       "linear_attention": {"chunked": "pallas_interpret", "decode": "pallas_interpret"},
       "attention": {"prefill": "xla", "decode": "xla", "chunked_prefill": "xla"},
-      "norm": {"add_rms_norm": "xla"}}
+      "norm": {"add_rms_norm": "xla"}, "gemv": {"one_row": "xla"}}
   assert set(called) == {("chunked", True), ("step", True)}  # the interpreted kernels ran
