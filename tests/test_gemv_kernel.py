@@ -133,3 +133,14 @@ def test_a_model_decodes_the_same_logits_with_the_kernel():
       steps.append(out)
     logits[impl] = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(logits["pallas_interpret"], logits["xla"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_times_checked_products():
+  from experiments import bench_gemv
+  impls = bench_gemv.competitors(["64:8192:2:4:3"], interpret=True)
+  rows = bench_gemv.measure(96, 128, 2, layers=2, impls=impls, repeats=1)
+  assert [r["impl"] for r in rows] == ["xla", "gemv 64:8192:2:4:3"]
+  assert rows[1]["blocks"] == {"bn": 64, "bk": 32, "splits": 1}
+  assert rows[1]["max_rel_error_vs_xla"] < 2.0**-7 and rows[1]["us_per_product"] > 0
+  with pytest.raises(ValueError, match="a tiling is block_n:block_elements"):
+    bench_gemv.parse_tiling("128:8192")
