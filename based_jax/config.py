@@ -44,12 +44,14 @@ H3_HEAD_DIM = 2  # channels per H3 head: its diagonal SSM runs on 2 x 2 key-valu
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# One decoded token against the cache: also the Pallas kernel (pallas_kernels.cache_attention).
+ATTENTION_DECODE_IMPLS = ATTENTION_IMPLS + ("pallas", "pallas_interpret")
 REMAT_POLICIES = ("none", "block")
 # Whose architecture details a model follows (`ModelConfig.block_style`, docs/mixers.md).
 BLOCK_STYLES = ("based", "zoology")
 # Every implementation switch of ModelConfig and what it takes; each takes "xla", plain JAX.
 IMPL_CHOICES = {"linear_attention_impl": LINEAR_ATTENTION_IMPLS,
-                "attention_impl": ATTENTION_IMPLS, "attention_decode_impl": ATTENTION_IMPLS,
+                "attention_impl": ATTENTION_IMPLS, "attention_decode_impl": ATTENTION_DECODE_IMPLS,
                 "norm_impl": NORM_IMPLS, "ssm_impl": SSM_IMPLS, "gemv_impl": GEMV_IMPLS}
 
 
@@ -136,8 +138,10 @@ class ModelConfig:
   # Softmax attention within a call (training, prefill): "auto" (cuDNN flash attention on a
   # CUDA GPU in bfloat16, else XLA), "xla" or "cudnn". See mixers/attention.py.
   attention_impl: str = "auto"
-  # One decoded token against the cache: "auto" (= "xla": an einsum over the cache), "xla" or
-  # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8).
+  # One decoded token against the cache (ATTENTION_DECODE_IMPLS): "auto" (= "xla": an einsum
+  # over the cache), "xla", "cudnn" (cuDNN with per-row key lengths; pads the cached head dim
+  # to a multiple of 8), "pallas" (a kernel reading each row's keys and values once; GPU) or
+  # "pallas_interpret" (it in the interpreter; tests).
   attention_decode_impl: str = "auto"
   # Residual adds and RMSNorms (pallas_kernels.rms_norm.IMPLEMENTATIONS): "auto" (the kernels on
   # a GPU for an RMSNorm, else "xla"; docs/kernels.md), "xla", "pallas" (the fused add + norm

@@ -62,7 +62,7 @@ _PREFILL_ROWS = flags.DEFINE_integer(
 _ATTN = flags.DEFINE_enum("attention_impl", None, list(config_lib.ATTENTION_IMPLS),
                           "Override every model's attention_impl (prefill).")
 _ATTN_DECODE = flags.DEFINE_enum("attention_decode_impl", None,
-                                 list(config_lib.ATTENTION_IMPLS),
+                                 list(config_lib.ATTENTION_DECODE_IMPLS),
                                  "Override every model's attention_decode_impl.")
 _ISOLATE = flags.DEFINE_enum(
     "isolate", "model", ["model", "point", "none"],

@@ -27,8 +27,9 @@ One call serves four cases, chosen at trace time:
 Within-call attention is `jax.nn.dot_product_attention` with causal masking, a left window and
 per-row `query_seq_lengths` / `key_value_seq_lengths` for right-padded prompts: on a CUDA GPU
 with bfloat16 that is cuDNN flash attention (nothing quadratic is materialised), elsewhere
-JAX's XLA implementation. `config.attention_impl` and `config.attention_decode_impl` choose
-("auto", "xla", "cudnn"); `resolve_implementation` says what each path runs.
+JAX's XLA implementation. `config.attention_impl` ("auto", "xla", "cudnn") and
+`config.attention_decode_impl` (those and the Pallas kernel of `pallas_kernels.cache_attention`)
+choose; `resolve_implementation` says what each path runs.
 Cache writes are scatters into the existing buffers (in place under donation / loop carries):
 the cache is never concatenated or copied whole.
 """
@@ -42,8 +43,9 @@ import jax.numpy as jnp
 
 from based_jax.config import ModelConfig
 from based_jax.layers import SplitDense, apply_rotary, dense
+from pallas_kernels import cache_attention
+from pallas_kernels.cache_attention.reference import MASKED
 
-_MASKED = -1e30
 # Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
 # the size of a prefill chunk's MLP activations; beyond it queries go in blocks (a lax.map).
 _SCORE_BUDGET = 2**28
@@ -115,7 +117,8 @@ def _on_cuda() -> bool:
 
 
 def resolve_implementation(config: ModelConfig, path: str) -> str:
-  """The implementation ("xla" or "cudnn") that `config` runs on this backend for `path`, one
+  """The implementation that `config` runs on this backend for `path` ("xla" or "cudnn";
+  decoding also "pallas" or "pallas_interpret": `pallas_kernels.cache_attention`), one
   of PATHS: 'prefill' (attention within a call: training, the first prefill chunk), 'decode'
   (one token against the cache) or 'chunked_prefill' (several tokens against a non-empty
   cache: always the masked XLA path).
@@ -133,6 +136,8 @@ def resolve_implementation(config: ModelConfig, path: str) -> str:
   if path == "chunked_prefill":
     return "xla"
   requested = config.attention_impl if path == "prefill" else config.attention_decode_impl
+  if requested in cache_attention.IMPLEMENTATIONS:  # "pallas" needs a GPU
+    return cache_attention.resolve(requested, jax.default_backend())
   if requested != "auto":
     return requested
   if path == "decode":
@@ -183,7 +188,7 @@ def _masked_attention(q, keys, values, q_pos, k_pos, window, scale):
     allowed = (kp >= 0) & (kp <= qp)
     if window is not None:
       allowed &= kp >= qp - window
-    logits = jnp.where(allowed[:, None], logits * scale, _MASKED)
+    logits = jnp.where(allowed[:, None], logits * scale, MASKED)
     weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     return jnp.einsum("bhts,bhsk->bthk", weights, values, preferred_element_type=jnp.float32)
 
@@ -218,14 +223,8 @@ def _decode_attention(q, cache: AttentionCache, q_pos, window, scale, impl):
         q.swapaxes(1, 2), cache.k, cache.v, q_seqlen=jnp.ones((b,), jnp.int32),
         kv_seqlen=kv_len, scale=scale, mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH")
     return out.swapaxes(1, 2)[..., :kd]
-  logits = jnp.einsum("bhk,bhsk->bhs", q[:, 0], cache.k, preferred_element_type=jnp.float32)
-  qp, kp = q_pos[:, :1], cache.pos
-  allowed = (kp >= 0) & (kp <= qp)
-  if window is not None:
-    allowed &= kp >= qp - window
-  logits = jnp.where(allowed[:, None], logits * scale, _MASKED)
-  weights = jax.nn.softmax(logits, axis=-1).astype(cache.v.dtype)
-  out = jnp.einsum("bhs,bhsk->bhk", weights, cache.v, preferred_element_type=jnp.float32)
+  out = cache_attention.decode_attention(q[:, 0], cache.k, cache.v, cache.pos, q_pos[:, 0],
+                                         window=window, scale=scale, impl=impl)
   return out[:, None, :, :kd]
 
 

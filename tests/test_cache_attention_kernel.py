@@ -1,0 +1,144 @@
+"""Decode attention over a key / value cache (`pallas_kernels.cache_attention`): the kernel and
+the XLA reference against float64, the dispatch, and models decoding with
+`attention_decode_impl="pallas_interpret"` against "xla".
+
+On CPU the kernel runs in the Pallas interpreter, which fills every output with NaN before the
+kernel runs and pads blocks past the arrays' edges with NaN: an element no program writes, or
+a load past S slots or K' columns the kernel forgets to mask, fails the comparison. On GPU the
+same cases run compiled, after filling the device allocator with NaN. Tolerances: the kernel
+keeps the softmax weights in float32 (within 2e-6 of float64, relative to max |v|); the XLA
+path rounds them to the values' dtype first (half a bf16 ulp, 2^-8, more for bf16 caches).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gpu_lowering import triton_kernels
+
+from based_jax.cache import init_cache
+from based_jax.config import get_config
+from based_jax.mixers import attention
+from based_jax.model import LanguageModel, init_params
+from pallas_kernels.cache_attention import decode_attention, pallas_triton
+
+ON_GPU = jax.default_backend() == "gpu"
+gpu = pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+IMPLS = ["pallas_interpret", pytest.param("pallas", marks=[pytest.mark.gpu, gpu])]
+
+
+def poison_device_memory():
+  """On GPU: fill and free a large block so fresh buffers start as NaN (no-op on CPU)."""
+  if ON_GPU:
+    jnp.full((256 << 20,), jnp.nan, jnp.float32).block_until_ready().delete()
+
+
+def ring_cache(seed, b, h, s, width, dtype):
+  """q [B, H, K'], k, v [B, H, S, K'], and the slots' positions as a ring holds them after
+  each row decoded a different number of tokens (some rows not yet full: empty slots -1)."""
+  g = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(g.normal(size=shape), dtype)
+             for shape in ((b, h, width), (b, h, s, width), (b, h, s, width)))
+  q_pos = g.integers(0, 3 * s, size=b)
+  q_pos[0] = 0  # a row that sees only its own key
+  slot = np.arange(s)
+  # slot j holds the latest position p <= q_pos with p mod S == j, or nothing
+  pos = q_pos[:, None] - (q_pos[:, None] - slot[None, :]) % s
+  pos = np.where(pos >= 0, pos, -1)
+  return q, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(q_pos, jnp.int32)
+
+
+def float64_attention(q, k, v, pos, q_pos, window, scale):
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  pos, qp = np.asarray(pos), np.asarray(q_pos)[:, None]
+  allowed = (pos >= 0) & (pos <= qp)
+  if window is not None:
+    allowed &= pos >= qp - window
+  logits = np.where(allowed[:, None], np.einsum("bhk,bhsk->bhs", q, k) * scale, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhs,bhsk->bhk", weights, v)
+
+
+CASES = [  # (B, H, S, K', window): a ring of W + 1 slots, and a full cache (window None)
+    (3, 2, 9, 12, 8), (2, 3, 40, 16, 39), (2, 2, 17, 24, None), (1, 1, 129, 112, 128)]
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["xla"])
+@pytest.mark.parametrize("b,h,s,width,window", CASES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_matches_float64(impl, b, h, s, width, window, dtype):
+  q, k, v, pos, q_pos = ring_cache(s + width, b, h, s, width, dtype)
+  scale = width ** -0.5
+  poison_device_memory()
+  out = decode_attention(q, k, v, pos, q_pos, window=window, scale=scale, impl=impl)
+  assert out.shape == (b, h, width) and out.dtype == jnp.float32
+  rounding = 2.0**-8 if impl == "xla" and dtype == jnp.bfloat16 else 0.0
+  tolerance = (2e-6 + rounding) * float(jnp.max(jnp.abs(v.astype(jnp.float32))))
+  np.testing.assert_allclose(out, float64_attention(q, k, v, pos, q_pos, window, scale),
+                             rtol=0, atol=tolerance)
+
+
+def test_block_of_slots_smaller_than_the_cache_walks_every_slot():
+  q, k, v, pos, q_pos = ring_cache(0, 2, 2, 40, 16, jnp.float32)
+  out = pallas_triton.decode_attention(q, k, v, pos, q_pos, window=None, scale=0.25,
+                                       interpret=True,
+                                       tiling=pallas_triton.Tiling(block_slots=8))
+  np.testing.assert_allclose(out, float64_attention(q, k, v, pos, q_pos, None, 0.25),
+                             rtol=0, atol=1e-5)
+
+
+def test_lowers_to_one_triton_kernel_for_cuda():
+  s = jax.ShapeDtypeStruct
+  args = (s((4, 16, 112), jnp.bfloat16), s((4, 16, 129, 112), jnp.bfloat16),
+          s((4, 16, 129, 112), jnp.bfloat16), s((4, 129), jnp.int32), s((4,), jnp.int32))
+  fn = lambda *a: pallas_triton.decode_attention(*a, window=128, scale=0.1)
+  assert triton_kernels(fn, *args) == ["cache_attention_decode"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k=np.zeros((2, 2, 5, 4))), "k and v must be"),
+    (dict(q=np.zeros((2, 2, 3))), r"q must be \[B, H, K'\] = \(2, 2, 4\)"),
+    (dict(pos=np.zeros((2, 4), np.int32)), r"pos must be \[B, S\]"),
+    (dict(q_pos=np.zeros((2,), np.float32)), "must be integer positions"),
+    (dict(window=-1), "window must be None or an int >= 0"),
+    (dict(impl="cudnn"), "impl must be one of"),
+    (dict(impl="pallas"), "needs a GPU"),
+])
+def test_bad_inputs_name_the_problem(change, message):
+  if ON_GPU and change.get("impl") == "pallas":
+    pytest.skip("a GPU runs it")
+  args = dict(q=np.zeros((2, 2, 4)), k=np.zeros((2, 2, 6, 4)), v=np.zeros((2, 2, 6, 4)),
+              pos=np.zeros((2, 6), np.int32), q_pos=np.zeros((2,), np.int32), window=3,
+              impl="pallas_interpret")
+  args.update(change)
+  arrays = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x for name, x in args.items()}
+  with pytest.raises(ValueError, match=message):
+    decode_attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("pos"),
+                     arrays.pop("q_pos"), scale=0.5, **arrays)
+
+
+def test_the_mixer_reports_the_kernel_and_refuses_it_without_a_gpu():
+  config = get_config("based_tiny", attention_decode_impl="pallas_interpret")
+  assert attention.resolve_implementation(config, "decode") == "pallas_interpret"
+  if not ON_GPU:
+    with pytest.raises(ValueError, match="impl='pallas' needs a GPU"):
+      attention.resolve_implementation(config.replace(attention_decode_impl="pallas"), "decode")
+
+
+@pytest.mark.parametrize("preset", ["based_tiny", "transformer_pp_tiny"])  # window, full
+def test_models_decode_the_same_logits_with_the_kernel(preset):
+  logits = {}
+  prompt = jnp.array([[3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [5, 6, 7, 8, 9, 10, 0, 0, 0, 0]])
+  for impl in ("xla", "pallas_interpret"):
+    config = get_config(preset, attention_decode_impl=impl)
+    params, model = init_params(config), LanguageModel(config)
+    step = jax.jit(lambda p, t, c, n=None: model.apply(p, t, lengths=n, cache=c))
+    out, cache = step(params, prompt, init_cache(config, 2, 32), jnp.array([10, 6]))
+    token, steps = jnp.array([[1], [2]]), []
+    for _ in range(6):  # past the window of 8 on the first row
+      out, cache = step(params, token, cache)
+      token = jnp.argmax(out, -1)
+      steps.append(out)
+    logits[impl] = jnp.concatenate(steps, axis=1)
+  np.testing.assert_allclose(logits["pallas_interpret"], logits["xla"], rtol=1e-5, atol=1e-5)
