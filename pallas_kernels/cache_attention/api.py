@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.cache_attention import pallas_triton, reference
+from pallas_kernels.dispatch import require_gpu
 
 IMPLEMENTATIONS = ("xla", "pallas", "pallas_interpret")
 
@@ -30,9 +31,7 @@ def resolve(impl: str, backend: str) -> str:
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-  if impl == "pallas" and backend != "gpu":
-    raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}); use "
-                     "'pallas_interpret' to run the kernel in the interpreter, or 'xla'")
+  require_gpu(impl, backend)
   return impl
 
 

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import require_gpu
 from pallas_kernels.gemv import pallas_triton, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -60,9 +61,7 @@ def resolve(impl: str, *, rows: int, k: int, n: int, dtypes: Sequence, backend: 
     return "pallas" if backend == "gpu" and limit is None else "xla"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
-  if impl == "pallas" and backend != "gpu":
-    raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}); use "
-                     "'pallas_interpret' to run the kernel in the interpreter, or 'xla'")
+  require_gpu(impl, backend)
   return impl
 
 

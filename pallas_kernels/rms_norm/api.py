@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import require_gpu
 from pallas_kernels.rms_norm import pallas_fused, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -77,9 +78,7 @@ def resolve(impl: str, *, width: int, dtypes: Sequence, backend: str,
   limit = kernel_limits(width, dtypes)
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
-  if impl == "pallas" and backend != "gpu":
-    raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}); use "
-                     "'pallas_interpret' to run the kernels in the interpreter, or 'xla'")
+  require_gpu(impl, backend)
   return impl
 
 

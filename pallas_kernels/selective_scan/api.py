@@ -21,6 +21,7 @@ An explicit "pallas" without a GPU is a ValueError.
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.dispatch import require_gpu
 from pallas_kernels.selective_scan import pallas_triton, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
@@ -34,9 +35,7 @@ def resolve(impl: str, *, backend: str) -> str:
     raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
   if impl == "auto":
     return "pallas" if backend == "gpu" else "xla"
-  if impl == "pallas" and backend != "gpu":
-    raise ValueError(f"impl='pallas' needs a GPU (backend is {backend!r}); use "
-                     "'pallas_interpret' to run the kernels in the interpreter, or 'xla'")
+  require_gpu(impl, backend)
   return impl
 
 
