@@ -9,6 +9,10 @@ products, within 1e-5 of the float64 value relative to sum |x_k w_kn| (plus half
 2^-8 relative, for bf16 outputs).
 """
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,12 +139,19 @@ def test_a_model_decodes_the_same_logits_with_the_kernel():
   np.testing.assert_allclose(logits["pallas_interpret"], logits["xla"], rtol=1e-5, atol=1e-5)
 
 
-def test_the_benchmark_times_checked_products():
-  from experiments import bench_gemv
-  impls = bench_gemv.competitors(["64:8192:2:4:3"], interpret=True)
-  rows = bench_gemv.measure(96, 128, 2, layers=2, impls=impls, repeats=1)
+def test_the_benchmark_times_checked_products(tmp_path):
+  # A process of its own: the script's absl flags would clash with other scripts' in this one.
+  out = tmp_path / "gemv"
+  subprocess.run([sys.executable, "-m", "experiments.bench_gemv", "--interpret",
+                  "--shapes=96x128", "--rows=2", "--layers=2", "--repeats=1",
+                  "--tilings=64:8192:2:4:3", f"--out={out}"], check=True, capture_output=True)
+  result = json.loads(out.with_suffix(".json").read_text())
+  rows = result["rows"]
   assert [r["impl"] for r in rows] == ["xla", "gemv 64:8192:2:4:3"]
   assert rows[1]["blocks"] == {"bn": 64, "bk": 32, "splits": 1}
   assert rows[1]["max_rel_error_vs_xla"] < 2.0**-7 and rows[1]["us_per_product"] > 0
-  with pytest.raises(ValueError, match="a tiling is block_n:block_elements"):
-    bench_gemv.parse_tiling("128:8192")
+  assert result["meta"]["argv"][-1] == f"--out={out}" and "| 96 x 128 | 2 |" in (
+      out.with_suffix(".md").read_text())
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_gemv", "--tilings=128:8192",
+                        f"--out={out}"], capture_output=True, text=True)
+  assert bad.returncode != 0 and "a tiling is block_n:block_elements" in bad.stderr

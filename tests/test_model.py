@@ -171,7 +171,8 @@ BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)
     (dict(d_model=0), "d_model"),
     (dict(dtype="float16"), "dtype"),
     (dict(attention_impl="flash"), "attention_impl"),
-    (dict(attention_decode_impl="pallas"), "attention_decode_impl"),
+    (dict(attention_decode_impl="triton"), "attention_decode_impl"),
+    (dict(attention_impl="pallas"), "attention_impl"),  # a kernel for decoding only
 ])
 def test_bad_configs_name_the_field(changes, field):
   with pytest.raises(ValueError, match=field):
