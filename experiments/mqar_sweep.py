@@ -4,6 +4,7 @@ frontier (the BASED paper's Figures 2 and 3). Grids and the sweep itself: `recal
   python -m experiments.mqar_sweep --grid=paper_figure2 --out=experiments/results/figure2
   python -m experiments.mqar_sweep --grid=paper_figure3 --out=experiments/results/figure3
   python -m experiments.mqar_sweep --grid=cpu_figure2 --out=/tmp/figure2_cpu   # no GPU
+  python -m experiments.mqar_sweep --grid=paper_figure2 --list   # the points, by index
 
 Writes <out>.json and <out>.png after every point. Resumable point by point: a rerun of the same
 command skips the points <out>.json holds, and a point cut short resumes its runs from their
@@ -17,7 +18,7 @@ import sys
 
 from absl import app, flags, logging
 
-from experiments.recall_sweep import GRIDS, merge, sweep, train_summary
+from experiments.recall_sweep import GRIDS, merge, select_points, sweep, train_summary
 
 _GRID = flags.DEFINE_enum("grid", "paper_gpu", sorted(GRIDS), "Which grid to run.")
 _RUN = flags.DEFINE_string("run", None, "Run preset for every point (default: the grid's).")
@@ -29,7 +30,10 @@ _MODEL_SET = flags.DEFINE_multi_string("model_set", [], "Model field override fo
                                        "field=value (e.g. dtype=bfloat16).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/sweep", "Parent of the per-run workdirs.")
 _OUT = flags.DEFINE_string("out", "experiments/results/mqar_sweep", "Output path prefix.")
-_POINTS = flags.DEFINE_list("points", None, "Indices of the grid points to run (default all).")
+_POINTS = flags.DEFINE_list("points", None, "Grid points to run, by index or family (e.g. "
+                            "'9,17' or 'BASED,Mamba'; default all; --list shows them).")
+_LIST = flags.DEFINE_bool("list", False, "Print the grid's points (index, family, label, "
+                          "fields) and exit.")
 _DEADLINE = flags.DEFINE_integer("deadline_s", 0, "Start no new run after this many seconds "
                                  "(0: none); rerun the same command to continue.")
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Runs trained at once, each in its own process "
@@ -53,8 +57,15 @@ def main(argv):
     raise app.UsageError(f"--parallel must be >= 1, got {_PARALLEL.value}")
   grid = GRIDS[_GRID.value]
   points = list(grid.points)
+  if _LIST.value:
+    for i, p in enumerate(points):
+      print(f"{i:3d}  {p.family:15s} {p.label:28s} {p.preset} {p.fields}")
+    return
   if _POINTS.value:
-    points = [points[int(i)] for i in _POINTS.value]
+    try:
+      points = select_points(points, _POINTS.value)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
   settings = {"grid": _GRID.value, "run": _RUN.value or grid.run,
               "lrs": [float(lr) for lr in (_LRS.value or grid.lrs)],
               "steps": _STEPS.value if _STEPS.value is not None else grid.steps,

@@ -335,6 +335,24 @@ def _worker_init() -> None:
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def select_points(points: list[Point], specs: list[str]) -> list[Point]:
+  """The points that `specs` name, in grid order: each spec an index into `points` or a
+  family ("BASED", "sliding window"; case-insensitive). An unknown spec is a ValueError that
+  lists what there is."""
+  families = {p.family.lower() for p in points}
+  chosen = set()
+  for spec in specs:
+    spec = spec.strip()
+    if spec.isdigit() and int(spec) < len(points):
+      chosen.add(int(spec))
+    elif spec.lower() in families:
+      chosen.update(i for i, p in enumerate(points) if p.family.lower() == spec.lower())
+    else:
+      raise ValueError(f"no grid point {spec!r}: give indices 0 .. {len(points) - 1} or "
+                       f"families {sorted({p.family for p in points})}")
+  return [p for i, p in enumerate(points) if i in chosen]
+
+
 def sweep(points: list[Point], settings: dict, out: str, workdir: str, train: Callable,
           deadline_s: float = 0.0, parallel: int = 1) -> bool:
   """Trains every point not already in <out>.json at every lr; True when all are done.

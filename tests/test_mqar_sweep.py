@@ -258,3 +258,14 @@ def test_a_point_whose_kernels_cannot_run_ends_the_sweep_before_any_run(tmp_path
     recall_sweep.sweep(points, settings, str(tmp_path / "s"), str(tmp_path),
                        lambda run, config, workdir: trained.append(workdir))
   assert not trained and not os.listdir(tmp_path)
+
+
+def test_points_are_chosen_by_index_or_family():
+  points = list(recall_sweep.GRIDS["paper_figure2"].points)
+  chosen = recall_sweep.select_points(points, ["mamba", "1", "0"])
+  assert [p.label for p in chosen[:2]] == ["attention d=64", "attention d=128"]
+  assert {p.family for p in chosen[2:]} == {"Mamba"} and len(chosen) == 11
+  with pytest.raises(ValueError, match=r"no grid point '43': give indices 0 \.\. 42 or families"):
+    recall_sweep.select_points(points, ["43"])
+  with pytest.raises(ValueError, match="'Mamba'"):
+    recall_sweep.select_points(points, ["mambo"])
