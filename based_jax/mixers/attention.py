@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from based_jax.config import ModelConfig
 from based_jax.layers import SplitDense, apply_rotary, dense
 from pallas_kernels import cache_attention
-from pallas_kernels.cache_attention.reference import MASKED
+from pallas_kernels.cache_attention.reference import MASKED, allowed_slots
 
 # Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
 # the size of a prefill chunk's MLP activations; beyond it queries go in blocks (a lax.map).
@@ -184,10 +184,7 @@ def _masked_attention(q, keys, values, q_pos, k_pos, window, scale):
 
   def attend(qb, qpb):
     logits = jnp.einsum("bthk,bhsk->bhts", qb, keys, preferred_element_type=jnp.float32)
-    qp, kp = qpb[:, :, None], k_pos[:, None, :]
-    allowed = (kp >= 0) & (kp <= qp)
-    if window is not None:
-      allowed &= kp >= qp - window
+    allowed = allowed_slots(k_pos[:, None, :], qpb[:, :, None], window)  # [B, T, S]
     logits = jnp.where(allowed[:, None], logits * scale, MASKED)
     weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     return jnp.einsum("bhts,bhsk->bthk", weights, values, preferred_element_type=jnp.float32)

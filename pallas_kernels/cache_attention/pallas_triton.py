@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.cache_attention.reference import MASKED
+from pallas_kernels.cache_attention.reference import MASKED, allowed_slots
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +59,7 @@ def _kernel(q_pos_ref, pos_ref, q_ref, k_ref, v_ref, out_ref, *, slots: int, wid
     slot = i * bs + jax.lax.broadcasted_iota(jnp.int32, (bs,), 0)
     present = slot < slots
     pos = plt.load(pos_ref.at[pl.ds(i * bs, bs)], mask=present, other=-1)
-    allowed = (pos >= 0) & (pos <= q_pos)
-    if window is not None:
-      allowed &= pos >= q_pos - window
+    allowed = allowed_slots(pos, q_pos, window)
     panel = present[:, None] & columns[None, :]
     keys = plt.load(k_ref.at[pl.ds(i * bs, bs), :], mask=panel, other=0).astype(jnp.float32)
     logits = jnp.where(allowed, jnp.sum(keys * q[None, :], axis=1) * scale, MASKED)

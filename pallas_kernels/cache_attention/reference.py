@@ -9,13 +9,13 @@ import jax.numpy as jnp
 MASKED = -1e30  # the logit of a slot a query may not see
 
 
-def allowed_slots(pos: jnp.ndarray, q_pos: jnp.ndarray, window: Optional[int]) -> jnp.ndarray:
-  """[B, S] bool: slot s holds a key (pos >= 0) at or before the query's position and, with a
-  window W, no more than W positions before it."""
-  qp = q_pos[:, None]
-  allowed = (pos >= 0) & (pos <= qp)
+def allowed_slots(key_pos, query_pos, window: Optional[int]):
+  """Whether a query at `query_pos` may see a slot holding the key at `key_pos` (-1: empty):
+  the slot holds a key at or before the query's position and, with a window W, no more than W
+  positions before it. Elementwise over broadcastable arrays (or scalars)."""
+  allowed = (key_pos >= 0) & (key_pos <= query_pos)
   if window is not None:
-    allowed &= pos >= qp - window
+    allowed &= key_pos >= query_pos - window
   return allowed
 
 
@@ -24,6 +24,6 @@ def decode_attention(q, k, v, pos, q_pos, *, window: Optional[int], scale: float
   at query positions q_pos [B]: softmax(q k^T scale) v over the allowed slots, float32
   [B, H, K']."""
   logits = jnp.einsum("bhk,bhsk->bhs", q, k, preferred_element_type=jnp.float32)
-  logits = jnp.where(allowed_slots(pos, q_pos, window)[:, None], logits * scale, MASKED)
+  logits = jnp.where(allowed_slots(pos, q_pos[:, None], window)[:, None], logits * scale, MASKED)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhs,bhsk->bhk", weights, v, preferred_element_type=jnp.float32)

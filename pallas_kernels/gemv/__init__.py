@@ -4,4 +4,4 @@ kernels, dispatch.
 Shapes in every module use the dimension letters of `based_jax/__init__.py`.
 """
 
-from pallas_kernels.gemv.api import IMPLEMENTATIONS, MAX_ROWS, matmul, resolve
+from pallas_kernels.gemv.api import IMPLEMENTATIONS, ROWS, matmul, resolve

@@ -28,7 +28,6 @@ from pallas_kernels.gemv import pallas_triton, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 ROWS = (1, 2, 4)  # M the kernel takes (powers of two: a Triton block is)
-MAX_ROWS = max(ROWS)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # of x and w
 
 
