@@ -3,9 +3,11 @@
   python -m experiments.bench_gemv --out=experiments/results/gemv_h200
 
 For each weight shape [K, N] (default: based_1b's dense layers) and row count M, one jitted
-call multiplies x [M, K] by `--layers` distinct bf16 matrices of that shape (one per layer of
-the model, so the weights stream from HBM as in a decode step, not from L2) and returns every
-product. Timed per implementation in one process: "xla" (`layers.matrix_dot_general`: XLA's
+call multiplies `--layers` distinct x [M, K] by as many distinct bf16 matrices of that shape
+(one per layer of the model, so the weights stream from HBM as in a decode step, not from L2,
+and XLA cannot merge the products into one over concatenated weights, as it does for products
+sharing an operand) and returns every product. Timed per implementation in one process (wall time per call, and on a GPU the kernels'
+own time from a profiler trace, which leaves out the host's launch gaps): "xla" (`layers.matrix_dot_general`: XLA's
 product, a single row padded to two, as the model runs it) and the kernel
 (`pallas_kernels.gemv.pallas_triton`) at each `--tilings` entry. Every kernel result is
 checked against XLA's (max relative error in the JSON). Writes <out>.json (device, versions,
@@ -21,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from based_jax.layers import matrix_dot_general
-from experiments.benchmarking import median_ms, run_metadata
+from experiments.benchmarking import median_ms, profile_kernels, run_metadata
 from pallas_kernels.gemv import api, pallas_triton
 
 _SHAPES = flags.DEFINE_list(
@@ -49,10 +51,10 @@ def parse_tiling(spec: str) -> pallas_triton.Tiling:
 
 
 def products(rows: int, k: int, n: int, layers: int, seed: int = 0):
-  """x [rows, k] and `layers` matrices [k, n], bf16, from N(0, 1)."""
-  keys = jax.random.split(jax.random.key(seed), layers + 1)
-  x = jax.random.normal(keys[0], (rows, k), jnp.bfloat16)
-  return x, [jax.random.normal(key, (k, n), jnp.bfloat16) for key in keys[1:]]
+  """`layers` rows x [rows, k] and as many matrices [k, n], bf16, from N(0, 1)."""
+  keys = jax.random.split(jax.random.key(seed), 2 * layers)
+  xs = [jax.random.normal(key, (rows, k), jnp.bfloat16) for key in keys[:layers]]
+  return xs, [jax.random.normal(key, (k, n), jnp.bfloat16) for key in keys[layers:]]
 
 
 def competitors(tilings, interpret: bool) -> dict:
@@ -67,37 +69,47 @@ def competitors(tilings, interpret: bool) -> dict:
 
 
 def measure(k: int, n: int, rows: int, layers: int, impls: dict, repeats: int) -> list[dict]:
-  x, weights = products(rows, k, n, layers)
+  xs, weights = products(rows, k, n, layers)
   reference = None
   out = []
   for name, product in impls.items():
-    call = jax.jit(lambda x, ws, f=product: tuple(f(x, w) for w in ws))
-    ys = call(x, weights)
+    call = jax.jit(lambda xs, ws, f=product: tuple(f(x, w) for x, w in zip(xs, ws)))
+    ys = call(xs, weights)
     y = np.asarray(jnp.stack(ys).astype(jnp.float32))
     if reference is None:
       reference = y
     error = float(np.max(np.abs(y - reference)) / max(np.max(np.abs(reference)), 1e-30))
-    times = median_ms(lambda: call(x, weights), jax.block_until_ready, repeats=repeats, inner=3)
+    times = median_ms(lambda: call(xs, weights), jax.block_until_ready, repeats=repeats, inner=3)
     us = times["median_ms"] * 1e3 / layers
     row = {"k": k, "n": n, "rows": rows, "impl": name, "us_per_product": us,
            "min_us_per_product": times["min_ms"] * 1e3 / layers,
            "gb_per_s": k * n * 2 / (us * 1e-6) / 1e9, "max_rel_error_vs_xla": error}
+    if jax.default_backend() == "gpu":
+      kernels = profile_kernels(lambda: call(xs, weights), jax.block_until_ready)
+      row["kernel_us_per_product"] = sum(kernels.values()) / layers
+      row["kernel_gb_per_s"] = k * n * 2 / (row["kernel_us_per_product"] * 1e-6) / 1e9
+      row["kernels_per_product"] = {name: round(t / layers, 3) for name, t in kernels.items()}
     if name != "xla":
       tiling = parse_tiling(name.split()[1])
       row["blocks"] = dict(zip(("bn", "bk", "splits"), pallas_triton.blocks(rows, k, n, tiling)))
-    print(f"K={k} N={n} M={rows} {name:24s} {us:8.2f} us  {row['gb_per_s']:7.0f} GB/s  "
+    device = (f"  kernels {row['kernel_us_per_product']:7.2f} us {row['kernel_gb_per_s']:6.0f} GB/s"
+              if "kernel_us_per_product" in row else "")
+    print(f"K={k} N={n} M={rows} {name:24s} {us:8.2f} us  {row['gb_per_s']:7.0f} GB/s{device}  "
           f"err {error:.1e}", flush=True)
     out.append(row)
   return out
 
 
 def markdown(rows: list[dict], device: str) -> str:
-  lines = [f"Few-row products x [M, K] @ W [K, N], bf16 ({device}; microseconds per product, "
-           "GB/s of W read)", "", "| K x N | M | impl | us | GB/s | error vs XLA |",
-           "|---|---|---|---|---|---|"]
+  lines = [f"Few-row products x [M, K] @ W [K, N], bf16 ({device}; microseconds per product "
+           "and GB/s of W read, by wall time and by the kernels' own time)", "",
+           "| K x N | M | impl | us | GB/s | kernel us | kernel GB/s | error vs XLA |",
+           "|---|---|---|---|---|---|---|---|"]
   for r in rows:
+    kernel = (f"{r['kernel_us_per_product']:.2f} | {r['kernel_gb_per_s']:.0f}"
+              if "kernel_us_per_product" in r else "- | -")
     lines.append(f"| {r['k']} x {r['n']} | {r['rows']} | {r['impl']} | "
-                 f"{r['us_per_product']:.2f} | {r['gb_per_s']:.0f} | "
+                 f"{r['us_per_product']:.2f} | {r['gb_per_s']:.0f} | {kernel} | "
                  f"{r['max_rel_error_vs_xla']:.1e} |")
   return "\n".join(lines) + "\n"
 

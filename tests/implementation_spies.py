@@ -7,6 +7,8 @@ import numpy as np
 from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
 from based_jax.mixers import attention
+from pallas_kernels.cache_attention import pallas_triton as cache_kernel
+from pallas_kernels.cache_attention import reference as cache_reference
 from pallas_kernels.taylor_attention import pallas_chunked, pallas_decode, reference, xla
 from pallas_kernels.taylor_attention import triton_decode
 
@@ -32,16 +34,17 @@ def spy_implementations(monkeypatch) -> list[tuple[str, str]]:
       ('triton'; runs the Pallas step), reference.quadratic, xla.chunked and
       reference.feature_step ('xla');
     attention: jax.nn.dot_product_attention (its `implementation`; runs XLA),
-      _masked_attention ('xla') and cuDNN's decode kernel ('cudnn'; runs the stand-in).
-  The XLA decode einsum of attention has no function of its own: a decode step that records
-  no attention call ran it. Jit caches are cleared, so everything is traced through the spies.
+      _masked_attention ('xla'), cache_attention's reference ('xla') and kernel ('pallas',
+      '_interpret' added when asked; runs interpreted) and cuDNN's decode kernel ('cudnn';
+      runs the stand-in).
+  Jit caches are cleared, so everything is traced through the spies.
   """
   calls = []
 
-  def kernel(module, name, label, run):
+  def kernel(module, name, label, run, mixer="linear_attention"):
     def spy(*args, interpret=False, **kwargs):
       name = "mosaic" if kwargs.get("forward_kernel") == "mosaic" else label
-      calls.append(("linear_attention", f"{name}_interpret" if interpret else name))
+      calls.append((mixer, f"{name}_interpret" if interpret else name))
       return run(*args, interpret=True, **kwargs)
     monkeypatch.setattr(module, name, spy)
 
@@ -65,6 +68,8 @@ def spy_implementations(monkeypatch) -> list[tuple[str, str]]:
   for module, name in ((reference, "quadratic"), (xla, "chunked"), (reference, "feature_step")):
     recorded(module, name, "linear_attention", "xla")
   recorded(attention, "_masked_attention", "attention", "xla")
+  recorded(cache_reference, "decode_attention", "attention", "xla")
+  kernel(cache_kernel, "decode_attention", "pallas", cache_kernel.decode_attention, "attention")
   monkeypatch.setattr(cudnn, "dot_product_attention", cudnn_decode_stand_in)
   recorded(cudnn, "dot_product_attention", "attention", "cudnn")
   monkeypatch.setattr(jax.nn, "dot_product_attention", dot_product_attention)

@@ -10,6 +10,10 @@ keeps the softmax weights in float32 (within 2e-6 of float64, relative to max |v
 path rounds them to the values' dtype first (half a bf16 ulp, 2^-8, more for bf16 caches).
 """
 
+import json
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,3 +146,22 @@ def test_models_decode_the_same_logits_with_the_kernel(preset):
       steps.append(out)
     logits[impl] = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(logits["pallas_interpret"], logits["xla"], rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_times_checked_tilings(tmp_path):
+  # A process of its own: the script's absl flags would clash with other scripts' in this one.
+  out = tmp_path / "cache_attention"
+  subprocess.run([sys.executable, "-m", "experiments.bench_cache_attention", "--interpret",
+                  "--batch_sizes=2", "--heads=2", "--head_dim=24", "--window=8", "--repeats=1",
+                  "--tilings=4:4:2", f"--out={out}"], check=True, capture_output=True)
+  result = json.loads(out.with_suffix(".json").read_text())
+  rows = result["rows"]
+  assert [r["impl"] for r in rows] == ["xla", "pallas 4:4:2"]
+  # The XLA path rounds the softmax weights to bf16 (see the module docstring).
+  assert rows[1]["max_rel_error_vs_xla"] < 2.0**-7 and rows[1]["median_ms"] > 0
+  assert rows[1]["bytes"] == 2 * (2 * 2 * 9 * 24 * 2) + 2 * 9 * 4 + 2 * 2 * 24 * (2 + 4)
+  assert result["meta"]["argv"][-1] == f"--out={out}" and "| 2 | pallas 4:4:2 |" in (
+      out.with_suffix(".md").read_text())
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_cache_attention",
+                        "--tilings=32:4", f"--out={out}"], capture_output=True, text=True)
+  assert bad.returncode != 0 and "a tiling is block_slots:num_warps:num_stages" in bad.stderr

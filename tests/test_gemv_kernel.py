@@ -91,15 +91,16 @@ def test_lowers_to_one_triton_kernel_for_cuda():
 
 def test_split_along_k_reaches_the_program_count():
   bn, bk, s = pallas_triton.blocks(1, 3584, 1792)  # based_1b's MLP output: 14 column blocks
-  assert (bn, bk) == (128, 64) and s == 28 and (1792 // bn) * s >= 264
-  assert pallas_triton.blocks(1, 1792, 50304)[2] == 1  # 393 column blocks: no split
-  assert pallas_triton.blocks(4, 1792, 7168)[:2] == (128, 16)  # M BK BN = 8192 products
+  assert (bn, bk) == (128, 32) and s == 56 and (1792 // bn) * s >= 528
+  assert pallas_triton.blocks(1, 1792, 50304 * 2)[2] == 1  # 786 column blocks: no split
+  assert pallas_triton.blocks(4, 1792, 7168)[:2] == (128, 8)  # M BK BN = 4096 products
 
 
 def test_resolve():
   r = lambda impl, rows=1, k=256, n=256, dtypes=(jnp.bfloat16,) * 2, backend="gpu": api.resolve(
       impl, rows=rows, k=k, n=n, dtypes=dtypes, backend=backend)
   assert r("auto") == "pallas" and r("auto", backend="cpu") == "xla"
+  assert r("auto", rows=2) == r("auto", rows=4) == "xla" and r("pallas", rows=4) == "pallas"
   assert r("auto", k=100) == "xla" and r("xla") == "xla"
   assert r("pallas", rows=3) == "xla" and r("pallas", rows=8) == "xla"  # not a few-row product
   assert r("pallas_interpret", backend="cpu") == "pallas_interpret"

@@ -48,8 +48,6 @@ def paths_run(config, calls) -> dict:
         params, cache)
     for mixer in mixers:
       seen = {impl for m, impl in calls if m == mixer}
-      if mixer == "attention" and paths[mixer] == "decode" and not seen:
-        seen = {"xla"}  # the decode einsum: the decode path's only code besides cuDNN
       assert len(seen) == 1, (mixer, paths[mixer], seen)
       ran[mixer].setdefault(paths[mixer], set()).update(seen)
   return {mixer: {path: impl.pop() for path, impl in by_path.items() if len(impl) == 1}
@@ -81,7 +79,8 @@ def test_the_model_runs_what_implementations_reports(monkeypatch, preset, overri
   monkeypatch.setattr(triton_decode, "available", lambda: True)
   config = get_config(preset, **overrides)
   reported = implementations(config)
-  expected = {"attention": {"prefill": want["prefill"], "decode": want.get("decode", "xla"),
+  expected = {"attention": {"prefill": want["prefill"],
+                            "decode": want.get("decode", "pallas" if cuda else "xla"),
                             "chunked_prefill": "xla"}}
   if "la" in want:
     expected["linear_attention"] = {"chunked": want["la"], "decode": want["la_decode"]}

@@ -124,9 +124,10 @@ def resolve_implementation(config: ModelConfig, path: str) -> str:
   cache: always the masked XLA path).
 
   'auto' means cuDNN flash attention for the within-call path on a CUDA GPU in bfloat16 with a
-  (padded) head dim <= 128, else XLA; for decoding 'auto' is the XLA einsum over the cache
-  (memory-bound: one read of every preallocated K and V slot, valid or not, and no head-dim
-  padding), while 'cudnn' decoding reads only each row's valid slots but pads the head dim.
+  (padded) head dim <= 128, else XLA; for decoding 'auto' is the Pallas kernel on a GPU (it
+  reads every preallocated K and V slot once, where the XLA einsums read them in two passes
+  and materialise the scores between), else the XLA einsum over the cache. 'cudnn' decoding
+  reads only each row's valid slots but pads the head dim.
   This answer does not ask cuDNN: if cuDNN rejects a within-call attention under 'auto' (its
   version or the GPU lacks a feature), that call runs XLA and warns, so a 'cudnn' answer holds
   unless that warning was given. An explicit 'cudnn' that cuDNN rejects raises instead.
@@ -141,7 +142,7 @@ def resolve_implementation(config: ModelConfig, path: str) -> str:
   if requested != "auto":
     return requested
   if path == "decode":
-    return "xla"
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
   head_dim = config.d_model // config.attn_heads
   if _on_cuda() and config.dtype == "bfloat16" and _round_up(head_dim, 8) <= 128:
     return "cudnn"

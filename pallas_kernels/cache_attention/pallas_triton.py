@@ -32,7 +32,7 @@ from pallas_kernels.cache_attention.reference import MASKED, allowed_slots
 class Tiling:
   """How one program walks its cache panels (see the module docstring)."""
   block_slots: int = 32  # BS, a power of two
-  num_warps: int = 4  # Triton warps per program
+  num_warps: int = 2  # Triton warps per program
   num_stages: int = 2  # Triton software-pipelining stages of the walk over slots
 
   def __post_init__(self):

@@ -10,7 +10,10 @@ Implementations (`impl`):
   "pallas"            the Pallas kernel of `pallas_triton.py` (Triton lowering, GPU), built to
                       stream W at the GPU's bandwidth;
   "pallas_interpret"  the same kernel in the Pallas interpreter (any backend; for tests);
-  "auto"              "pallas" on a GPU where the kernel takes the shapes, else "xla".
+  "auto"              "pallas" for a single row (M in AUTO_ROWS) on a GPU where the kernel
+                      takes the shapes, else "xla". For one row XLA pads x to two rows and
+                      slices the result, two more kernels per product; for two or four rows
+                      its product reads W about as fast as the kernel does.
 Only M in ROWS is a few-row product: any other M runs XLA's matrix product under every impl.
 For those M an explicit kernel that cannot take the shapes or dtypes, or needs a GPU it lacks,
 is a ValueError. The gradient is XLA's under every impl (decoding needs none; it is there so
@@ -28,6 +31,7 @@ from pallas_kernels.gemv import pallas_triton, reference
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 ROWS = (1, 2, 4)  # M the kernel takes (powers of two: a Triton block is)
+AUTO_ROWS = (1,)  # M for which "auto" picks the kernel (see the module docstring)
 KERNEL_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)  # of x and w
 
 
@@ -57,7 +61,7 @@ def resolve(impl: str, *, rows: int, k: int, n: int, dtypes: Sequence, backend: 
     return "xla"
   limit = kernel_limits(k, n, dtypes)
   if impl == "auto":
-    return "pallas" if backend == "gpu" and limit is None else "xla"
+    return "pallas" if backend == "gpu" and limit is None and rows in AUTO_ROWS else "xla"
   if limit is not None:
     raise ValueError(f"impl={impl!r} cannot run {limit}; use impl='xla' or 'auto'")
   require_gpu(impl, backend)

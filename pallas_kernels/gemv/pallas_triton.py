@@ -34,10 +34,10 @@ from jax.experimental.pallas import triton as plt
 class Tiling:
   """How the kernel tiles W (see the module docstring)."""
   block_n: int = 128  # BN, a power of two
-  block_elements: int = 8192  # M x BK x BN products one step holds: BK = this / (M BN)
-  min_programs: int = 264  # split K until this many programs run (2 per SM of an H200)
+  block_elements: int = 4096  # M x BK x BN products one step holds: BK = this / (M BN)
+  min_programs: int = 528  # split K until this many programs run (4 per SM of an H200)
   num_warps: int = 4  # Triton warps per program
-  num_stages: int = 3  # Triton software-pipelining stages of the walk over K
+  num_stages: int = 4  # Triton software-pipelining stages of the walk over K
 
   def __post_init__(self):
     for name in ("block_n", "block_elements"):
