@@ -2,15 +2,17 @@
 
   python -m experiments.bench_cache_attention --out=experiments/results/cache_attention_h200
 
-The step reads the whole cache once (keys and values [B, H, S, K'], bf16), so it is bound by
-those bytes. Defaults are based_1b's sliding window at its best decode batch: B = 4096,
-H = 16, K' = 112, a window of W = 128 (S = W + 1 slots, every slot full, in ring order).
-Timed in one process: "xla" (`reference.decode_attention`) and the kernel
+The step stores each row's new key and value and reads the whole cache once (keys and values
+[B, H, S, K'], bf16), so it is bound by those bytes. Defaults are based_1b's sliding window at
+its best decode batch: B = 4096, H = 16, K' = 112, a window of W = 128 (S = W + 1 slots, every
+slot full, in ring order). Timed in one process, jitted with the caches donated and fed back
+as in the decode loop: "xla" (`reference.decode_attention`) and the kernel
 (`pallas_kernels.cache_attention.pallas_triton`) at each `--tilings` entry, by wall time per
-call and, on a GPU, by the kernels' own time from a profiler trace. Each result is checked
-against XLA's (max relative error). The table reports bandwidth (cache, positions, q and the
-float32 output) as a fraction of the measured device copy bandwidth. Writes <out>.json
-(device, versions, shapes, command) and <out>.md.
+call and, on a GPU, by the kernels' own time from a profiler trace. Each first output is
+checked against XLA's (max relative error). The table reports bandwidth (the cache read, the
+new keys and values read and stored, positions, q and the float32 output) as a fraction of
+the measured device copy bandwidth. Writes <out>.json (device, versions, shapes, command) and
+<out>.md.
 """
 
 import json
@@ -45,23 +47,25 @@ def parse_tiling(spec: str) -> pallas_triton.Tiling:
 
 
 def inputs(b: int, h: int, width: int, window: int, seed: int = 0):
-  """q, k, v (bf16, N(0, 1)) and a full ring of positions: slot s of row r holds the key at
-  q_pos - ((q_pos - s) mod S), q_pos = 1000 + r."""
+  """q, new_k, new_v, k, v (bf16, N(0, 1)), a full ring of positions (slot s of row r holds
+  the key at q_pos - ((q_pos - s) mod S), q_pos = 1000 + r) and the new keys' slots."""
   s = window + 1
-  keys = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(keys[0], (b, h, width), jnp.bfloat16)
-  k, v = (jax.random.normal(key, (b, h, s, width), jnp.bfloat16) for key in keys[1:])
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q, new_k, new_v = (jax.random.normal(key, (b, h, width), jnp.bfloat16) for key in keys[:3])
+  k, v = (jax.random.normal(key, (b, h, s, width), jnp.bfloat16) for key in keys[3:])
   q_pos = 1000 + jnp.arange(b, dtype=jnp.int32)
   pos = q_pos[:, None] - (q_pos[:, None] - jnp.arange(s, dtype=jnp.int32)[None]) % s
-  return q, k, v, pos, q_pos
+  return q, new_k, new_v, k, v, pos, q_pos, q_pos % s
 
 
 def competitors(tilings, window: int, scale: float, interpret: bool) -> dict:
-  """name -> jitted f(q, k, v, pos, q_pos)."""
-  impls = {"xla": jax.jit(lambda *a: reference.decode_attention(*a, window=window, scale=scale))}
+  """name -> f(q, new_k, new_v, k, v, pos, q_pos, slot) -> (out, k, v), jitted with the caches
+  donated."""
+  jit = lambda f: jax.jit(f, donate_argnums=(3, 4))
+  impls = {"xla": jit(lambda *a: reference.decode_attention(*a, window=window, scale=scale))}
   for spec in tilings:
     tiling = parse_tiling(spec)
-    impls[f"pallas {spec}"] = jax.jit(lambda *a, t=tiling: pallas_triton.decode_attention(
+    impls[f"pallas {spec}"] = jit(lambda *a, t=tiling: pallas_triton.decode_attention(
         *a, window=window, scale=scale, interpret=interpret, tiling=t))
   return impls
 
@@ -69,20 +73,27 @@ def competitors(tilings, window: int, scale: float, interpret: bool) -> dict:
 def measure(b: int, h: int, width: int, window: int, impls: dict, bandwidth: float,
             repeats: int) -> list[dict]:
   args = inputs(b, h, width, window)
-  q, k, _, pos, _ = args
-  moved = 2 * k.size * k.dtype.itemsize + pos.size * 4 + q.size * q.dtype.itemsize + q.size * 4
+  q, _, _, k, _, pos, _, _ = args
+  heads = q.size * q.dtype.itemsize  # one [B, H, K'] bf16 array
+  moved = 2 * k.size * k.dtype.itemsize + pos.size * 4 + 5 * heads + 2 * heads
   reference_out, out = None, []
   for name, attend in impls.items():
-    y = np.asarray(attend(*args))
+    state = [jnp.copy(args[3]), jnp.copy(args[4])]  # this implementation's caches
+
+    def call(f=attend, state=state):
+      y, state[0], state[1] = f(*args[:3], *state, *args[5:])
+      return y
+
+    y = np.asarray(call())
     if reference_out is None:
       reference_out = y
     error = float(np.max(np.abs(y - reference_out)) / np.max(np.abs(reference_out)))
-    times = median_ms(lambda f=attend: f(*args), jax.block_until_ready, repeats=repeats, inner=3)
+    times = median_ms(call, jax.block_until_ready, repeats=repeats, inner=3)
     row = {"batch": b, "heads": h, "head_dim": width, "slots": window + 1, "impl": name,
            "bytes": moved, **times, "max_rel_error_vs_xla": error}
     ms = times["median_ms"]
     if jax.default_backend() == "gpu":
-      ms = sum(profile_kernels(lambda f=attend: f(*args), jax.block_until_ready).values()) / 1e3
+      ms = sum(profile_kernels(call, jax.block_until_ready).values()) / 1e3
       row["kernel_ms"] = ms
     row["fraction_of_copy_bw"] = moved / (ms * 1e-3) / bandwidth
     kernel = f"  {ms * 1e3:8.1f} us kernels" if "kernel_ms" in row else ""

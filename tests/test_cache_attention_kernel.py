@@ -38,18 +38,39 @@ def poison_device_memory():
 
 
 def ring_cache(seed, b, h, s, width, dtype):
-  """q [B, H, K'], k, v [B, H, S, K'], and the slots' positions as a ring holds them after
-  each row decoded a different number of tokens (some rows not yet full: empty slots -1)."""
+  """The arguments of `decode_attention` as a step meets them after each row decoded a
+  different number of tokens: q, new_k, new_v [B, H, K'], k, v [B, H, S, K'] (the slot of the
+  new key holds a stale one), the slots' positions pos [B, S] with the new key's already
+  written (some rows not yet full: empty slots -1), q_pos [B] and slot [B] = q_pos mod S; the
+  last row of two or more is padding (slot S: nothing stored)."""
   g = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(g.normal(size=shape), dtype)
-             for shape in ((b, h, width), (b, h, s, width), (b, h, s, width)))
+  q, new_k, new_v, k, v = (jnp.asarray(g.normal(size=shape), dtype) for shape in (
+      (b, h, width), (b, h, width), (b, h, width), (b, h, s, width), (b, h, s, width)))
   q_pos = g.integers(0, 3 * s, size=b)
   q_pos[0] = 0  # a row that sees only its own key
   slot = np.arange(s)
   # slot j holds the latest position p <= q_pos with p mod S == j, or nothing
   pos = q_pos[:, None] - (q_pos[:, None] - slot[None, :]) % s
   pos = np.where(pos >= 0, pos, -1)
-  return q, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(q_pos, jnp.int32)
+  written = q_pos % s
+  if b > 1:
+    written[-1] = s
+  return (q, new_k, new_v, k, v, jnp.asarray(pos, jnp.int32), jnp.asarray(q_pos, jnp.int32),
+          jnp.asarray(written, jnp.int32))
+
+
+def float64_written(cache, new, slot):
+  """cache as float64 with each row's new [H, K'] at its slot (S or more: unchanged)."""
+  cache = np.array(cache, np.float64)
+  for row, j in enumerate(np.asarray(slot)):
+    if j < cache.shape[2]:
+      cache[row, :, j] = np.asarray(new[row], np.float64)
+  return cache
+
+
+def float64_decode(q, new_k, new_v, k, v, pos, q_pos, slot, window, scale):
+  return float64_attention(q, float64_written(k, new_k, slot), float64_written(v, new_v, slot),
+                           pos, q_pos, window, scale)
 
 
 def float64_attention(q, k, v, pos, q_pos, window, scale):
@@ -72,30 +93,33 @@ CASES = [  # (B, H, S, K', window): a ring of W + 1 slots, and a full cache (win
 @pytest.mark.parametrize("b,h,s,width,window", CASES)
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_matches_float64(impl, b, h, s, width, window, dtype):
-  q, k, v, pos, q_pos = ring_cache(s + width, b, h, s, width, dtype)
+  args = ring_cache(s + width, b, h, s, width, dtype)
+  q, new_k, new_v, k, v, pos, q_pos, slot = args
   scale = width ** -0.5
   poison_device_memory()
-  out = decode_attention(q, k, v, pos, q_pos, window=window, scale=scale, impl=impl)
+  out, keys, values = decode_attention(*args, window=window, scale=scale, impl=impl)
   assert out.shape == (b, h, width) and out.dtype == jnp.float32
   rounding = 2.0**-8 if impl == "xla" and dtype == jnp.bfloat16 else 0.0
-  tolerance = (2e-6 + rounding) * float(jnp.max(jnp.abs(v.astype(jnp.float32))))
-  np.testing.assert_allclose(out, float64_attention(q, k, v, pos, q_pos, window, scale),
-                             rtol=0, atol=tolerance)
+  largest = max(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) for x in (v, new_v))
+  np.testing.assert_allclose(out, float64_decode(*args, window, scale), rtol=0,
+                             atol=(2e-6 + rounding) * largest)
+  # The new key and value in their slots, every other slot untouched (padding: none stored).
+  np.testing.assert_array_equal(np.asarray(keys, np.float64), float64_written(k, new_k, slot))
+  np.testing.assert_array_equal(np.asarray(values, np.float64), float64_written(v, new_v, slot))
 
 
 def test_block_of_slots_smaller_than_the_cache_walks_every_slot():
-  q, k, v, pos, q_pos = ring_cache(0, 2, 2, 40, 16, jnp.float32)
-  out = pallas_triton.decode_attention(q, k, v, pos, q_pos, window=None, scale=0.25,
-                                       interpret=True,
-                                       tiling=pallas_triton.Tiling(block_slots=8))
-  np.testing.assert_allclose(out, float64_attention(q, k, v, pos, q_pos, None, 0.25),
-                             rtol=0, atol=1e-5)
+  args = ring_cache(0, 2, 2, 40, 16, jnp.float32)
+  out, _, _ = pallas_triton.decode_attention(*args, window=None, scale=0.25, interpret=True,
+                                             tiling=pallas_triton.Tiling(block_slots=8))
+  np.testing.assert_allclose(out, float64_decode(*args, None, 0.25), rtol=0, atol=1e-5)
 
 
 def test_lowers_to_one_triton_kernel_for_cuda():
   s = jax.ShapeDtypeStruct
-  args = (s((4, 16, 112), jnp.bfloat16), s((4, 16, 129, 112), jnp.bfloat16),
-          s((4, 16, 129, 112), jnp.bfloat16), s((4, 129), jnp.int32), s((4,), jnp.int32))
+  head, cache = s((4, 16, 112), jnp.bfloat16), s((4, 16, 129, 112), jnp.bfloat16)
+  args = (head, head, head, cache, cache, s((4, 129), jnp.int32), s((4,), jnp.int32),
+          s((4,), jnp.int32))
   fn = lambda *a: pallas_triton.decode_attention(*a, window=128, scale=0.1)
   assert triton_kernels(fn, *args) == ["cache_attention_decode"]
 
@@ -103,8 +127,11 @@ def test_lowers_to_one_triton_kernel_for_cuda():
 @pytest.mark.parametrize("change,message", [
     (dict(k=np.zeros((2, 2, 5, 4))), "k and v must be"),
     (dict(q=np.zeros((2, 2, 3))), r"q must be \[B, H, K'\] = \(2, 2, 4\)"),
+    (dict(new_v=np.zeros((2, 2, 3))), r"new_v must be \[B, H, K'\]"),
     (dict(pos=np.zeros((2, 4), np.int32)), r"pos must be \[B, S\]"),
-    (dict(q_pos=np.zeros((2,), np.float32)), "must be integer positions"),
+    (dict(slot=np.zeros((3,), np.int32)), r"q_pos, slot \[B\] = \(2,\)"),
+    (dict(q_pos=np.zeros((2,), np.float32)), "must be integers"),
+    (dict(slot=np.zeros((2,), np.float32)), "must be integers"),
     (dict(window=-1), "window must be None or an int >= 0"),
     (dict(impl="cudnn"), "impl must be one of"),
     (dict(impl="pallas"), "needs a GPU"),
@@ -112,14 +139,16 @@ def test_lowers_to_one_triton_kernel_for_cuda():
 def test_bad_inputs_name_the_problem(change, message):
   if ON_GPU and change.get("impl") == "pallas":
     pytest.skip("a GPU runs it")
-  args = dict(q=np.zeros((2, 2, 4)), k=np.zeros((2, 2, 6, 4)), v=np.zeros((2, 2, 6, 4)),
-              pos=np.zeros((2, 6), np.int32), q_pos=np.zeros((2,), np.int32), window=3,
-              impl="pallas_interpret")
+  names = ("q", "new_k", "new_v", "k", "v", "pos", "q_pos", "slot")
+  args = dict(q=np.zeros((2, 2, 4)), new_k=np.zeros((2, 2, 4)), new_v=np.zeros((2, 2, 4)),
+              k=np.zeros((2, 2, 6, 4)), v=np.zeros((2, 2, 6, 4)),
+              pos=np.zeros((2, 6), np.int32), q_pos=np.zeros((2,), np.int32),
+              slot=np.zeros((2,), np.int32), window=3, impl="pallas_interpret")
   args.update(change)
   arrays = {name: jnp.asarray(x) if isinstance(x, np.ndarray) else x for name, x in args.items()}
+  positional = [arrays.pop(name) for name in names]
   with pytest.raises(ValueError, match=message):
-    decode_attention(arrays.pop("q"), arrays.pop("k"), arrays.pop("v"), arrays.pop("pos"),
-                     arrays.pop("q_pos"), scale=0.5, **arrays)
+    decode_attention(*positional, scale=0.5, **arrays)
 
 
 def test_the_mixer_reports_the_kernel_and_refuses_it_without_a_gpu():
@@ -159,7 +188,8 @@ def test_the_benchmark_times_checked_tilings(tmp_path):
   assert [r["impl"] for r in rows] == ["xla", "pallas 4:4:2"]
   # The XLA path rounds the softmax weights to bf16 (see the module docstring).
   assert rows[1]["max_rel_error_vs_xla"] < 2.0**-7 and rows[1]["median_ms"] > 0
-  assert rows[1]["bytes"] == 2 * (2 * 2 * 9 * 24 * 2) + 2 * 9 * 4 + 2 * 2 * 24 * (2 + 4)
+  # caches read; positions; q, new_k, new_v and the float32 output; the new keys, values stored
+  assert rows[1]["bytes"] == 2 * (2 * 2 * 9 * 24 * 2) + 2 * 9 * 4 + 2 * 2 * 24 * (3 * 2 + 4 + 4)
   assert result["meta"]["argv"][-1] == f"--out={out}" and "| 2 | pallas 4:4:2 |" in (
       out.with_suffix(".md").read_text())
   bad = subprocess.run([sys.executable, "-m", "experiments.bench_cache_attention",

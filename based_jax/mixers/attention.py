@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from based_jax.config import ModelConfig
 from based_jax.layers import SplitDense, apply_rotary, dense
 from pallas_kernels import cache_attention
-from pallas_kernels.cache_attention.reference import MASKED, allowed_slots
+from pallas_kernels.cache_attention.reference import MASKED, allowed_slots, write
 
 # Scores the general cached path materialises at once (float32 elements): 2^28 = 1 GiB, about
 # the size of a prefill chunk's MLP activations; beyond it queries go in blocks (a lax.map).
@@ -204,11 +204,36 @@ def _masked_attention(q, keys, values, q_pos, k_pos, window, scale):
   return out[..., :kd]
 
 
-def _decode_attention(q, cache: AttentionCache, q_pos, window, scale, impl):
-  """One query per row, q [B, 1, H, K], over a cache that already holds its own key."""
+def _slots(cache: AttentionCache, key_pos) -> jnp.ndarray:
+  """[B, T] the slot of each of the call's tokens (key_pos [B, T], -1 for padding): pos mod S
+  for valid ones; S (out of range: dropped) for padding and for tokens a later token of the
+  same call evicts (only the last S can survive, so they are dropped rather than written
+  twice)."""
+  s = cache.pos.shape[1]
+  last = jnp.max(key_pos, axis=1, keepdims=True)
+  keep = (key_pos >= 0) & (key_pos > last - s)
+  return jnp.where(keep, key_pos % s, s)
+
+
+def _write_positions(cache: AttentionCache, key_pos, slot) -> jnp.ndarray:
+  return cache.pos.at[jnp.arange(cache.pos.shape[0])[:, None], slot].set(key_pos, mode="drop")
+
+
+def _write(cache: AttentionCache, k, v, key_pos) -> AttentionCache:
+  """The call's valid tokens (k, v [B, T, H, K]) stored at their slots (`_slots`), in place."""
+  size = cache.k.shape[-1]
+  slot = _slots(cache, key_pos)
+  return AttentionCache(k=write(cache.k, _pad_head(k, size), slot),
+                        v=write(cache.v, _pad_head(v, size), slot),
+                        pos=_write_positions(cache, key_pos, slot))
+
+
+def _decode(q, k, v, key_pos, cache: AttentionCache, q_pos, window, scale, impl):
+  """One token per row, q, k, v [B, 1, H, K]: stores its key and value (the query sees its own
+  key), then attends over the cache. Returns the output [B, 1, H, K] and the new cache."""
   kd = q.shape[-1]
   b, h, s, size = cache.k.shape
-  q = _pad_head(q, size)
+  q, k, v = (_pad_head(x, size) for x in (q, k, v))
   if impl == "cudnn":
     # Slots 0 .. min(p, S - 1) are the valid ones (positions are contiguous from 0 and slot =
     # position mod S), so a key length per row is the whole mask; softmax ignores slot order.
@@ -216,29 +241,18 @@ def _decode_attention(q, cache: AttentionCache, q_pos, window, scale, impl):
       from jax._src.cudnn import fused_attention_stablehlo as cudnn
     except ImportError as e:
       raise NotImplementedError("attention_decode_impl='cudnn' needs jax._src.cudnn") from e
+    cache = _write(cache, k, v, key_pos)
     kv_len = jnp.minimum(q_pos[:, 0] + 1, s).astype(jnp.int32)
     out = cudnn.dot_product_attention(
         q.swapaxes(1, 2), cache.k, cache.v, q_seqlen=jnp.ones((b,), jnp.int32),
         kv_seqlen=kv_len, scale=scale, mask_type=cudnn.MaskType.PADDING, qkv_layout="BNTH")
-    return out.swapaxes(1, 2)[..., :kd]
-  out = cache_attention.decode_attention(q[:, 0], cache.k, cache.v, cache.pos, q_pos[:, 0],
-                                         window=window, scale=scale, impl=impl)
-  return out[:, None, :, :kd]
-
-
-def _write(cache: AttentionCache, k, v, key_pos) -> AttentionCache:
-  """Scatters the call's valid tokens (k, v [B, T, H, K]) to slot pos mod S, in place; only
-  the last S can survive anyway, so earlier ones are dropped rather than written twice."""
-  b, s = cache.pos.shape
-  size = cache.k.shape[-1]
-  last = jnp.max(key_pos, axis=1, keepdims=True)
-  keep = (key_pos >= 0) & (key_pos > last - s)
-  slot = jnp.where(keep, key_pos % s, s)  # slot s is out of range: dropped
-  rows = jnp.arange(b)[:, None]
-  return AttentionCache(  # x[rows, :, slot] is [B, T, H, K']: the update's own layout
-      k=cache.k.at[rows, :, slot].set(_pad_head(k, size).astype(cache.k.dtype), mode="drop"),
-      v=cache.v.at[rows, :, slot].set(_pad_head(v, size).astype(cache.v.dtype), mode="drop"),
-      pos=cache.pos.at[rows, slot].set(key_pos, mode="drop"))
+    return out.swapaxes(1, 2)[..., :kd], cache
+  slot = _slots(cache, key_pos)
+  pos = _write_positions(cache, key_pos, slot)
+  out, keys, values = cache_attention.decode_attention(
+      q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, pos, q_pos[:, 0], slot[:, 0], window=window,
+      scale=scale, impl=impl)
+  return out[:, None, :, :kd], AttentionCache(keys, values, pos)
 
 
 class Attention(nn.Module):
@@ -271,9 +285,8 @@ class Attention(nn.Module):
                          auto=cfg.attention_impl == "auto")
       new_cache = None if cache is None else _write(cache, k, v, key_pos)
     elif t == 1:
-      new_cache = _write(cache, k, v, key_pos)  # write first: the query sees its own key
-      out = _decode_attention(q, new_cache, positions, self.window, scale,
-                              resolve_implementation(cfg, "decode"))
+      out, new_cache = _decode(q, k, v, key_pos, cache, positions, self.window, scale,
+                               resolve_implementation(cfg, "decode"))
     elif self.window is None:
       new_cache = _write(cache, k, v, key_pos)  # S = max_len: writing clobbers nothing
       out = _masked_attention(q, new_cache.k, new_cache.v, positions, new_cache.pos, None, scale)

@@ -1,12 +1,15 @@
 """The entry point for one decoded query per row over a key / value cache, and the choice of
 implementation.
 
-`decode_attention(q [B, H, K'], k, v [B, H, S, K'], pos [B, S], q_pos [B])` is the decode step
-of `based_jax.mixers.attention` (sliding window: S = W + 1 slots of a ring; full attention:
-S = max_len). Implementations (`impl`, the model's `attention_decode_impl` for these values):
-  "xla"               `reference.py`: two batched products and a masked softmax;
+`decode_attention(q, new_k, new_v [B, H, K'], k, v [B, H, S, K'], pos [B, S], q_pos [B],
+slot [B])` is the decode step of `based_jax.mixers.attention` (sliding window: S = W + 1 slots
+of a ring; full attention: S = max_len): it stores each row's new key and value in its slot of
+the cache and attends over the updated cache. Implementations (`impl`, the model's
+`attention_decode_impl` for these values):
+  "xla"               `reference.py`: a scatter, two batched products and a masked softmax;
   "pallas"            the Pallas kernel of `pallas_triton.py` (Triton lowering, GPU): each
-                      (row, head) reads its keys and values once, online softmax;
+                      (row, head) stores its new key and value and reads the cache once,
+                      online softmax;
   "pallas_interpret"  the same kernel in the Pallas interpreter (any backend; for tests).
 ("cudnn", the model's third decode implementation, lives with the mixer: it calls cuDNN.)
 Decoding needs no gradient: the kernel has none.
@@ -35,33 +38,44 @@ def resolve(impl: str, backend: str) -> str:
   return impl
 
 
-def _check(q, k, v, pos, q_pos, window, impl) -> None:
+def _check(q, new_k, new_v, k, v, pos, q_pos, slot, window, impl) -> None:
   resolve(impl, jax.default_backend())
   if k.ndim != 4 or v.shape != k.shape:
     raise ValueError(f"k and v must be [B, H, S, K'] of one shape, got {tuple(k.shape)} and "
                      f"{tuple(v.shape)}")
   b, h, s, width = k.shape
-  if tuple(q.shape) != (b, h, width):
-    raise ValueError(f"q must be [B, H, K'] = {(b, h, width)}, got {tuple(q.shape)}")
-  if tuple(pos.shape) != (b, s) or tuple(q_pos.shape) != (b,):
-    raise ValueError(f"pos must be [B, S] = {(b, s)} and q_pos [B] = {(b,)}, got "
-                     f"{tuple(pos.shape)} and {tuple(q_pos.shape)}")
-  if not (jnp.issubdtype(pos.dtype, jnp.integer) and jnp.issubdtype(q_pos.dtype, jnp.integer)):
-    raise ValueError(f"pos and q_pos must be integer positions, got {pos.dtype} and "
-                     f"{q_pos.dtype}")
+  for name, x in (("q", q), ("new_k", new_k), ("new_v", new_v)):
+    if tuple(x.shape) != (b, h, width):
+      raise ValueError(f"{name} must be [B, H, K'] = {(b, h, width)}, got {tuple(x.shape)}")
+  if tuple(pos.shape) != (b, s) or tuple(q_pos.shape) != (b,) or tuple(slot.shape) != (b,):
+    raise ValueError(f"pos must be [B, S] = {(b, s)} and q_pos, slot [B] = {(b,)}, got "
+                     f"{tuple(pos.shape)}, {tuple(q_pos.shape)} and {tuple(slot.shape)}")
+  if not all(jnp.issubdtype(x.dtype, jnp.integer) for x in (pos, q_pos, slot)):
+    raise ValueError(f"pos, q_pos and slot must be integers, got {pos.dtype}, {q_pos.dtype} "
+                     f"and {slot.dtype}")
   if window is not None and (isinstance(window, bool) or not isinstance(window, int)
                              or window < 0):
     raise ValueError(f"window must be None or an int >= 0, got {window!r}")
 
 
-def decode_attention(q, k, v, pos, q_pos, *, window: Optional[int], scale: float,
-                     impl: str = "xla") -> jnp.ndarray:
-  """softmax(q k^T scale) v over the slots each row's query may see (a slot holds a key at or
-  before q_pos, and no more than `window` positions before it when a window is given), float32
-  [B, H, K']. Each row must see at least one slot (its own key). Raises ValueError naming the
-  argument for bad shapes, dtypes, window or impl."""
-  _check(q, k, v, pos, q_pos, window, impl)
+def decode_attention(q, new_k, new_v, k, v, pos, q_pos, slot, *, window: Optional[int],
+                     scale: float, impl: str = "xla"):
+  """Stores new_k, new_v [B, H, K'] at slot [B] of k, v [B, H, S, K'] (slot S or more: not
+  stored, a padding row), then softmax(q k^T scale) v over the slots each row's query may see:
+  a slot holds a key at or before q_pos, and no more than `window` positions before it when a
+  window is given. pos [B, S] must already hold the new keys' positions. Each row that is not
+  padding sees at least its own key.
+
+  Returns:
+    The float32 output [B, H, K'] and the updated k, v (in place when donated).
+
+  Raises:
+    ValueError naming the argument for bad shapes, dtypes, window or impl.
+  """
+  _check(q, new_k, new_v, k, v, pos, q_pos, slot, window, impl)
   if impl == "xla":
-    return reference.decode_attention(q, k, v, pos, q_pos, window=window, scale=scale)
-  return pallas_triton.decode_attention(q, k, v, pos.astype(jnp.int32), q_pos, window=window,
-                                        scale=float(scale), interpret=impl == "pallas_interpret")
+    return reference.decode_attention(q, new_k, new_v, k, v, pos, q_pos, slot, window=window,
+                                      scale=scale)
+  return pallas_triton.decode_attention(q, new_k, new_v, k, v, pos.astype(jnp.int32), q_pos,
+                                        slot, window=window, scale=float(scale),
+                                        interpret=impl == "pallas_interpret")
