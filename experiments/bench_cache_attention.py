@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.benchmarking import copy_bandwidth, median_ms, profile_kernels, run_metadata
+from experiments.benchmarking import (copy_bandwidth, median_ms, parse_tiling, profile_kernels,
+                                      run_metadata)
 from pallas_kernels.cache_attention import pallas_triton, reference
 
 _B = flags.DEFINE_list("batch_sizes", ["4096"], "Batch sizes B.")
@@ -30,20 +31,12 @@ _H = flags.DEFINE_integer("heads", 16, "Heads H.")
 _K = flags.DEFINE_integer("head_dim", 112, "Head dim K'.")
 _WINDOW = flags.DEFINE_integer("window", 128, "Window W (the cache holds W + 1 slots).")
 _TILINGS = flags.DEFINE_list(
-    "tilings", ["32:4:2", "16:4:2", "64:4:2", "32:2:2", "32:8:2", "32:4:3", "64:8:3"],
+    "tilings", ["32:2:2", "32:4:2", "16:2:2", "64:2:2", "32:2:3", "32:1:2"],
     "Kernel tilings, each block_slots:num_warps:num_stages.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed repetitions (median reported).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernel in the Pallas interpreter "
                                "(a CPU smoke test of this script; its times mean nothing).")
 _OUT = flags.DEFINE_string("out", "experiments/results/cache_attention", "Output path prefix.")
-
-
-def parse_tiling(spec: str) -> pallas_triton.Tiling:
-  fields = ("block_slots", "num_warps", "num_stages")
-  parts = spec.split(":")
-  if len(parts) != len(fields):
-    raise ValueError(f"a tiling is {':'.join(fields)}, got {spec!r}")
-  return pallas_triton.Tiling(**dict(zip(fields, map(int, parts))))
 
 
 def inputs(b: int, h: int, width: int, window: int, seed: int = 0):
@@ -64,7 +57,7 @@ def competitors(tilings, window: int, scale: float, interpret: bool) -> dict:
   jit = lambda f: jax.jit(f, donate_argnums=(3, 4))
   impls = {"xla": jit(lambda *a: reference.decode_attention(*a, window=window, scale=scale))}
   for spec in tilings:
-    tiling = parse_tiling(spec)
+    tiling = parse_tiling(spec, pallas_triton.Tiling)
     impls[f"pallas {spec}"] = jit(lambda *a, t=tiling: pallas_triton.decode_attention(
         *a, window=window, scale=scale, interpret=interpret, tiling=t))
   return impls

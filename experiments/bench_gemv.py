@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from based_jax.layers import matrix_dot_general
-from experiments.benchmarking import median_ms, profile_kernels, run_metadata
+from experiments.benchmarking import median_ms, parse_tiling, profile_kernels, run_metadata
 from pallas_kernels.gemv import api, pallas_triton
 
 _SHAPES = flags.DEFINE_list(
@@ -33,21 +33,13 @@ _SHAPES = flags.DEFINE_list(
 _ROWS = flags.DEFINE_list("rows", ["1", "2", "4"], "Rows M of x.")
 _LAYERS = flags.DEFINE_integer("layers", 36, "Distinct matrices per call (based_1b: 36).")
 _TILINGS = flags.DEFINE_list(
-    "tilings", ["128:8192:264:4:3", "128:8192:132:4:3", "128:8192:66:4:3", "64:8192:264:4:3",
-                "128:16384:132:8:3", "256:8192:132:4:4"],
+    "tilings", ["128:4096:528:4:4", "128:8192:264:4:3", "256:8192:528:4:3",
+                "128:4096:1056:4:4", "64:4096:528:4:4"],
     "Kernel tilings, each block_n:block_elements:min_programs:num_warps:num_stages.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed repetitions (median reported).")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernel in the Pallas interpreter "
                                "(a CPU smoke test of this script; its times mean nothing).")
 _OUT = flags.DEFINE_string("out", "experiments/results/gemv", "Output path prefix.")
-
-
-def parse_tiling(spec: str) -> pallas_triton.Tiling:
-  fields = ("block_n", "block_elements", "min_programs", "num_warps", "num_stages")
-  parts = spec.split(":")
-  if len(parts) != len(fields):
-    raise ValueError(f"a tiling is {':'.join(fields)}, got {spec!r}")
-  return pallas_triton.Tiling(**dict(zip(fields, map(int, parts))))
 
 
 def products(rows: int, k: int, n: int, layers: int, seed: int = 0):
@@ -62,7 +54,7 @@ def competitors(tilings, interpret: bool) -> dict:
   xla = lambda x, w: matrix_dot_general(x, w, (((1,), (0,)), ((), ())))
   impls = {"xla": xla}
   for spec in tilings:
-    tiling = parse_tiling(spec)
+    tiling = parse_tiling(spec, pallas_triton.Tiling)
     impls[f"gemv {spec}"] = lambda x, w, t=tiling: pallas_triton.matmul(
         x, w, out_dtype=x.dtype, interpret=interpret, tiling=t)
   return impls
@@ -90,7 +82,7 @@ def measure(k: int, n: int, rows: int, layers: int, impls: dict, repeats: int) -
       row["kernel_gb_per_s"] = k * n * 2 / (row["kernel_us_per_product"] * 1e-6) / 1e9
       row["kernels_per_product"] = {name: round(t / layers, 3) for name, t in kernels.items()}
     if name != "xla":
-      tiling = parse_tiling(name.split()[1])
+      tiling = parse_tiling(name.split()[1], pallas_triton.Tiling)
       row["blocks"] = dict(zip(("bn", "bk", "splits"), pallas_triton.blocks(rows, k, n, tiling)))
     device = (f"  kernels {row['kernel_us_per_product']:7.2f} us {row['kernel_gb_per_s']:6.0f} GB/s"
               if "kernel_us_per_product" in row else "")

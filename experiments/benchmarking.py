@@ -2,6 +2,7 @@
 copy-bandwidth ceiling, metadata."""
 
 import collections
+import dataclasses
 import datetime
 import glob
 import gzip
@@ -175,6 +176,16 @@ def module_scope(layer_kinds: tuple[str, ...], op_name: str) -> str:
   if "LanguageModel" in op_name:
     return "head"
   return "loss" if "jvp(" in op_name or "transpose(" in op_name else "optimizer"
+
+
+def parse_tiling(spec: str, tiling_class):
+  """A kernel's frozen tiling dataclass from 'a:b:...', its integer fields in order (a bench
+  script's --tilings entry); a ValueError names the expected fields."""
+  fields = [f.name for f in dataclasses.fields(tiling_class)]
+  parts = spec.split(":")
+  if len(parts) != len(fields):
+    raise ValueError(f"a tiling is {':'.join(fields)}, got {spec!r}")
+  return tiling_class(**dict(zip(fields, map(int, parts))))
 
 
 def copy_bandwidth() -> float:
