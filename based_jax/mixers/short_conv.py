@@ -38,9 +38,9 @@ def last_inputs(full: jnp.ndarray, lengths: Optional[jnp.ndarray], count: int) -
   Returns:
     [B, count, C]: full[b, length_b : length_b + count], so padding never enters a history.
   """
-  t = full.shape[1] - count
-  ends = jnp.full((full.shape[0],), t) if lengths is None else lengths
-  return jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, count, 0))(full, ends)
+  if lengths is None:  # every row ends at T: a static slice (decoding), not a gather
+    return full[:, full.shape[1] - count:]
+  return jax.vmap(lambda f, e: jax.lax.dynamic_slice_in_dim(f, e, count, 0))(full, lengths)
 
 
 def causal_conv(x: jnp.ndarray, kernel: jnp.ndarray, history: Optional[jnp.ndarray],
