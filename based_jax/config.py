@@ -152,9 +152,10 @@ class ModelConfig:
   # scan), "pallas" (the Pallas kernels; GPU) or "pallas_interpret" (them in the interpreter).
   ssm_impl: str = "auto"
   # The dense layers' products of a few rows (decoding batches of 1, 2 or 4;
-  # pallas_kernels.gemv's IMPLEMENTATIONS): "auto" (the Pallas GEMV kernel on a GPU where it
-  # takes the shapes, else "xla"), "xla", "pallas" (GPU) or "pallas_interpret" (tests). Other
-  # row counts, and the tied LM head, always run XLA's matrix product.
+  # pallas_kernels.gemv's IMPLEMENTATIONS): "auto" (the Pallas GEMV kernel on a GPU for one
+  # row where it takes the shapes, else "xla"), "xla", "pallas" (the kernel for 1, 2 or 4 rows;
+  # GPU) or "pallas_interpret" (tests). Other row counts, and the tied LM head, always run
+  # XLA's matrix product.
   gemv_impl: str = "auto"
   # Rematerialisation in training: "none" keeps every activation for the backward pass,
   # "block" recomputes each residual block's insides from its input (less memory, ~1/3 more
