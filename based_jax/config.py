@@ -138,8 +138,8 @@ class ModelConfig:
   # Softmax attention within a call (training, prefill): "auto" (cuDNN flash attention on a
   # CUDA GPU in bfloat16, else XLA), "xla" or "cudnn". See mixers/attention.py.
   attention_impl: str = "auto"
-  # One decoded token against the cache (ATTENTION_DECODE_IMPLS): "auto" ("pallas" on a GPU,
-  # else "xla"), "xla" (einsums over the cache), "cudnn" (cuDNN with per-row key lengths;
+  # One decoded token against the cache (ATTENTION_DECODE_IMPLS): "auto" ("pallas" on a GPU
+  # when every attention layer has a window, else "xla"), "xla" (einsums over the cache), "cudnn" (cuDNN with per-row key lengths;
   # pads the cached head dim to a multiple of 8), "pallas" (a kernel reading each row's keys
   # and values once; GPU) or "pallas_interpret" (it in the interpreter; tests).
   attention_decode_impl: str = "auto"

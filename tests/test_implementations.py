@@ -80,7 +80,8 @@ def test_the_model_runs_what_implementations_reports(monkeypatch, preset, overri
   config = get_config(preset, **overrides)
   reported = implementations(config)
   expected = {"attention": {"prefill": want["prefill"],
-                            "decode": want.get("decode", "pallas" if cuda else "xla"),
+                            "decode": want.get("decode", "pallas" if cuda and
+                                               not config.attention_layers else "xla"),
                             "chunked_prefill": "xla"}}
   if "la" in want:
     expected["linear_attention"] = {"chunked": want["la"], "decode": want["la_decode"]}

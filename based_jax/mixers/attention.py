@@ -124,10 +124,12 @@ def resolve_implementation(config: ModelConfig, path: str) -> str:
   cache: always the masked XLA path).
 
   'auto' means cuDNN flash attention for the within-call path on a CUDA GPU in bfloat16 with a
-  (padded) head dim <= 128, else XLA; for decoding 'auto' is the Pallas kernel on a GPU (it
-  reads every preallocated K and V slot once, where the XLA einsums read them in two passes
-  and materialise the scores between), else the XLA einsum over the cache. 'cudnn' decoding
-  reads only each row's valid slots but pads the head dim.
+  (padded) head dim <= 128, else XLA; for decoding 'auto' is the Pallas kernel on a GPU when
+  every attention layer has a window (it reads each ring of W + 1 slots once, where the XLA
+  einsums read it in two passes and materialise the scores between), else the XLA einsum over
+  the cache: a full-attention cache of max_len slots would be one serial walk per (row, head)
+  in the kernel, which small batches cannot spread over the GPU. 'cudnn' decoding reads only
+  each row's valid slots but pads the head dim.
   This answer does not ask cuDNN: if cuDNN rejects a within-call attention under 'auto' (its
   version or the GPU lacks a feature), that call runs XLA and warns, so a 'cudnn' answer holds
   unless that warning was given. An explicit 'cudnn' that cuDNN rejects raises instead.
@@ -142,7 +144,8 @@ def resolve_implementation(config: ModelConfig, path: str) -> str:
   if requested != "auto":
     return requested
   if path == "decode":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    windowed = not config.attention_layers  # only sliding-window layers attend
+    return "pallas" if jax.default_backend() == "gpu" and windowed else "xla"
   head_dim = config.d_model // config.attn_heads
   if _on_cuda() and config.dtype == "bfloat16" and _round_up(head_dim, 8) <= 128:
     return "cudnn"
