@@ -17,7 +17,7 @@ Dimension letters, shared by the docstrings of based_jax and pallas_kernels:
 A module that needs more letters (a kernel's tiling) defines them in its own docstring.
 """
 
-from based_jax.cache import ModelCache, cache_bytes, init_cache
+from based_jax.cache import ModelCache, cache_bytes, cache_bytes_by_kind, init_cache
 from based_jax.config import ModelConfig, PRESETS, get_config
 from based_jax.generate import GenerateOutput, decode, generate, prefill
 from based_jax.model import LanguageModel, count_params, init_params

@@ -41,10 +41,23 @@ def init_layer_cache(config: ModelConfig, kind: str, batch: int, max_len: int) -
   return registry.spec(kind).init_cache(config, batch, max_len)
 
 
+def _nbytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def cache_bytes_by_kind(config: ModelConfig, batch: int, max_len: int) -> dict[str, int]:
+  """Bytes the decoding cache occupies per layer kind, summed over that kind's layers, and
+  "length" for the [B] token counter (computed from shapes, nothing allocated)."""
+  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+  out = {}
+  for kind, layer in zip(config.layer_kinds, shapes.layers):
+    out[str(kind)] = out.get(str(kind), 0) + _nbytes(layer)
+  return {**out, "length": _nbytes(shapes.length)}
+
+
 def cache_bytes(config: ModelConfig, batch: int, max_len: int) -> int:
   """Bytes the decoding cache actually occupies (computed from shapes, nothing allocated)."""
-  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  return sum(cache_bytes_by_kind(config, batch, max_len).values())
 
 
 def as_carry(cache: ModelCache) -> ModelCache:

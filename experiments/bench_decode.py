@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from based_jax import config as config_lib
+from based_jax.cache import cache_bytes_by_kind
 from based_jax.config import ModelConfig
 from based_jax.generate import decode, prefill
 from based_jax.implementations import implementations
@@ -243,6 +244,7 @@ def measure_point(spec: str, batch: int, *, prompt_len: int, new_tokens: int, dt
           "param_bytes": param_bytes,
           "floor_bytes_per_step": floor["floor_breakdown"]["total"], **floor,
           "ratio_to_floor": step_ms / floor["floor_ms_per_step"],
+          "cache_bytes_per_sequence": cache_bytes_by_kind(config, 1, prompt_len + new_tokens),
           "implementations": implementations(config)}
 
 

@@ -167,6 +167,9 @@ def test_sweep_through_the_real_point_stops_at_a_simulated_oom(monkeypatch):
       "attention": dict(prefill="xla", decode="xla", chunked_prefill="xla"),
       "norm": {"add_rms_norm": "xla"}, "gemv": {"one_row": "xla"}}
   assert row["floor_bytes_per_step"] > row["param_bytes"] > 0
+  # transformer_pp_tiny: 2 layers of K and V [1, H=4, S=8 + 3, 16] float32 and positions [1, S]
+  assert row["cache_bytes_per_sequence"] == {"attention": 2 * (2 * 4 * 11 * 16 * 4 + 11 * 4),
+                                             "length": 4}
 
 
 def test_isolated_child_that_dies_of_oom_is_an_oom(monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 
 from based_jax import (LanguageModel, SamplingConfig, count_params, generate, get_config,
                        init_cache, init_params, state_size_bytes)
-from based_jax.cache import cache_bytes
+from based_jax.cache import cache_bytes, cache_bytes_by_kind
 from based_jax.config import ModelConfig
 from based_jax.layers import SplitDense, matrix_dot_general, output_logits
 from based_jax.sampling import sample_tokens
@@ -154,6 +154,15 @@ def test_taylor_decoding_state_holds_what_the_state_size_counts():
                              attention_layers=())
   counted = state_size_bytes(one_layer, 1).total
   assert cache_bytes(one_layer, 1, 1) - 4 == counted  # less the [B] int32 length counter
+
+
+def test_cache_bytes_by_kind_sum_to_the_cache():
+  config = get_config("based_tiny")  # window 8, BaseConv taps 3 over 2D = 128 channels
+  by_kind = cache_bytes_by_kind(config, 2, 20)
+  assert set(by_kind) == {"base_conv", "linear_attention", "sliding_window", "length"}
+  assert sum(by_kind.values()) == cache_bytes(config, 2, 20)
+  assert by_kind["sliding_window"] == 2 * (2 * 4 * 9 * 16 * 4 + 9 * 4)  # K, V [B, H, 9, 16]
+  assert by_kind["base_conv"] == 2 * 2 * 2 * 128 * 4  # 2 layers of [B, taps - 1, 2D] float32
 
 
 BASE = dict(vocab_size=100, d_model=64, n_layers=4, mlp_inner=128)
