@@ -139,9 +139,10 @@ class ModelConfig:
   # CUDA GPU in bfloat16, else XLA), "xla" or "cudnn". See mixers/attention.py.
   attention_impl: str = "auto"
   # One decoded token against the cache (ATTENTION_DECODE_IMPLS): "auto" ("pallas" on a GPU
-  # when every attention layer has a window, else "xla"), "xla" (einsums over the cache), "cudnn" (cuDNN with per-row key lengths;
-  # pads the cached head dim to a multiple of 8), "pallas" (a kernel reading each row's keys
-  # and values once; GPU) or "pallas_interpret" (it in the interpreter; tests).
+  # when every attention layer has a window, else "xla"), "xla" (einsums over the cache),
+  # "cudnn" (cuDNN with per-row key lengths; pads the cached head dim to a multiple of 8),
+  # "pallas" (a kernel storing the new key and value and reading each row's cache once; GPU)
+  # or "pallas_interpret" (it in the interpreter; tests).
   attention_decode_impl: str = "auto"
   # Residual adds and RMSNorms (pallas_kernels.rms_norm.IMPLEMENTATIONS): "auto" (the kernels on
   # a GPU for an RMSNorm, else "xla"; docs/kernels.md), "xla", "pallas" (the fused add + norm

@@ -6,9 +6,10 @@ For each weight shape [K, N] (default: based_1b's dense layers) and row count M,
 call multiplies `--layers` distinct x [M, K] by as many distinct bf16 matrices of that shape
 (one per layer of the model, so the weights stream from HBM as in a decode step, not from L2,
 and XLA cannot merge the products into one over concatenated weights, as it does for products
-sharing an operand) and returns every product. Timed per implementation in one process (wall time per call, and on a GPU the kernels'
-own time from a profiler trace, which leaves out the host's launch gaps): "xla" (`layers.matrix_dot_general`: XLA's
-product, a single row padded to two, as the model runs it) and the kernel
+sharing an operand) and returns every product. Timed per implementation in one process (wall
+time per call and, on a GPU, the kernels' own time from a profiler trace, which leaves out the
+host's launch gaps): "xla" (`layers.matrix_dot_general`: XLA's product, a single row padded to
+two, as the model runs it) and the kernel
 (`pallas_kernels.gemv.pallas_triton`) at each `--tilings` entry. Every kernel result is
 checked against XLA's (max relative error in the JSON). Writes <out>.json (device, versions,
 shapes, command) and <out>.md (microseconds per product and GB/s per shape and M).
